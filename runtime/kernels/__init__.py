@@ -1,0 +1,1 @@
+"""Triton kernels of the runtime, each beside its plain-PyTorch reference."""

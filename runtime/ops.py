@@ -1,0 +1,92 @@
+"""The specontext:: custom ops: the nodes the compiler's passes put in the decode graph.
+
+Each op is registered with torch.library so torch.export keeps it as one node, with a fake
+(meta) implementation for capture on the meta device. The real implementation dispatches to
+the runtime's active StepContext (runtime/context.py), which owns the KV store, the retrieval
+head and the copy stream: the graph stays a pure function of (weights, input_ids, position_ids)
+while the KV state lives in the runtime, as in a serving engine.
+
+Shapes (B requests, T new tokens, Hq query heads, Hkv KV heads, D head dim, G selection groups,
+K selected tokens per group):
+  attention(q [B,Hq,T,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv], layer, scaling) -> [B,T,Hq,Dv]
+  retrieve(input_ids [B,T], position_ids [B,T]) -> indices [B,G,K] int32 (-1 = empty slot)
+  sparse_attention(q, k, v, indices, layer, scaling, ready) -> [B,T,Hq,Dv]
+  prefetch_issue(indices, layer) -> ticket [1] int64
+  prefetch_wait(ticket, layer) -> ready [1] int64
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from specontext_compiler.runtime import context
+
+NAMESPACE = "specontext"
+
+
+@torch.library.custom_op("specontext::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scaling: float) -> torch.Tensor:
+    """Dense attention over the layer's whole cache (the op the capture puts at each attention)."""
+    return context.current().dense_attention(q, k, v, layer, scaling)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, layer, scaling):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+
+
+@torch.library.custom_op("specontext::retrieve", mutates_args=())
+def retrieve(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Run the retrieval head on the new tokens and select the KV rows for every layer."""
+    return context.current().retrieve(input_ids, position_ids)
+
+
+@retrieve.register_fake
+def _retrieve_fake(input_ids, position_ids):
+    ctx = torch.library.get_ctx()
+    groups = ctx.new_dynamic_size()
+    width = ctx.new_dynamic_size()
+    return input_ids.new_empty(input_ids.shape[0], groups, width, dtype=torch.int32)
+
+
+@torch.library.custom_op("specontext::sparse_attention", mutates_args=())
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                     layer: int, scaling: float, ready: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention over the selected rows only (plus sinks, recent window and the new token)."""
+    return context.current().sparse_attention(q, k, v, indices, layer, scaling)
+
+
+@sparse_attention.register_fake
+def _sparse_attention_fake(q, k, v, indices, layer, scaling, ready=None):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+
+
+@torch.library.custom_op("specontext::prefetch_issue", mutates_args=())
+def prefetch_issue(indices: torch.Tensor, layer: int) -> torch.Tensor:
+    """Start copying the rows of an offloaded layer that were not selected last step."""
+    return context.current().prefetch_issue(indices, layer)
+
+
+@prefetch_issue.register_fake
+def _prefetch_issue_fake(indices, layer):
+    return indices.new_empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("specontext::prefetch_wait", mutates_args=())
+def prefetch_wait(ticket: torch.Tensor, layer: int) -> torch.Tensor:
+    """Make the compute stream wait for a layer's prefetch (its CUDA event)."""
+    return context.current().prefetch_wait(ticket, layer)
+
+
+@prefetch_wait.register_fake
+def _prefetch_wait_fake(ticket, layer):
+    return ticket.new_empty(1, dtype=torch.int64)
+
+
+OP_NAMES = ("attention", "retrieve", "sparse_attention", "prefetch_issue", "prefetch_wait")
+
+
+def op(name: str):
+    """The OpOverload of one of ours, e.g. op('sparse_attention')."""
+    return getattr(getattr(torch.ops, NAMESPACE), name).default

@@ -1,0 +1,156 @@
+"""The plan: the contract between the compiler and the runtime (a directory, plan.json inside).
+
+The schema is defined once, here, as plain dataclasses serialized with stdlib json, so the
+runtime reads it without the compiler's dependencies. SCHEMA_VERSION is (major, minor): a newer
+major is refused with a message naming both versions; an older minor is read with defaults.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from specontext_compiler.errors import PlanError
+
+SCHEMA_VERSION = (1, 0)
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Residency for sequence lengths in [from_len, to_len): which layers keep full KV on GPU."""
+
+    from_len: int
+    to_len: int
+    gpu_layers: list[int]
+    offloaded_layers: list[int]
+    predicted: dict[str, float] = field(default_factory=dict)  # step_ms, tokens_per_s, gpu_bytes, ...
+
+
+@dataclass(frozen=True)
+class PrefetchSlot:
+    """Where an offloaded layer's prefetch is issued and waited on, in the decode step."""
+
+    layer: int
+    issue_before_layer: int   # the prefetch-issue node sits before this layer's attention (0 = step start)
+    wait_before_layer: int    # always == layer: the wait sits right before the layer's attention
+
+
+@dataclass
+class Plan:
+    """A compiled plan. `directory` is where it was loaded from (None while being built)."""
+
+    schema_version: list[int]
+    producer: dict[str, str]
+    model: dict[str, Any]            # ModelSpec fields + config_sha256 + source
+    target: dict[str, Any]           # Target fields
+    workload: dict[str, Any]         # max_len, prompt_len, batch, budget, sink_tokens, recent_tokens, ...
+    retrieval_head: dict[str, Any]   # source, layer, params, reduction, file
+    segments: list[Segment]
+    schedule: list[PrefetchSlot]
+    prediction: dict[str, Any]
+    solver: dict[str, Any]
+    graph: dict[str, Any]            # file, sha256, inputs (placeholder -> parameter), op counts
+    kernels: list[dict[str, Any]] = field(default_factory=list)
+    passes: list[dict[str, Any]] = field(default_factory=list)   # name, seconds, counters
+    directory: Path | None = None
+
+    # -- residency ---------------------------------------------------------------------------
+    def segment_for(self, seq_len: int) -> Segment:
+        """The residency segment that covers a sequence length (the last one past max_len)."""
+        for seg in self.segments:
+            if seg.from_len <= seq_len < seg.to_len:
+                return seg
+        return self.segments[-1]
+
+    # -- serialization -----------------------------------------------------------------------
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("directory")
+        return json.dumps(data, indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        _check_version(data.get("schema_version"))
+        known = {f.name for f in fields(cls)} - {"directory"}
+        missing = [name for name in known if name not in data and name not in ("kernels", "passes")]
+        if missing:
+            raise PlanError(f"plan.json lacks {', '.join(sorted(missing))}; recompile the plan")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["segments"] = [Segment(**s) for s in data["segments"]]
+        kwargs["schedule"] = [PrefetchSlot(**s) for s in data["schedule"]]
+        return cls(**kwargs)
+
+    def bind(self, model, dlm=None, **options):
+        """Bind weights (an HF model in memory or a local directory) and return an Engine."""
+        from specontext_compiler.runtime.engine import Engine
+        return Engine.from_plan(self, model, dlm=dlm, **options)
+
+
+def _check_version(version: Any) -> None:
+    if not (isinstance(version, list) and len(version) == 2 and all(isinstance(v, int) for v in version)):
+        raise PlanError("plan.json has no valid schema_version; it is corrupted, recompile the plan")
+    if version[0] > SCHEMA_VERSION[0]:
+        raise PlanError(
+            f"plan schema {version[0]}.{version[1]} is newer than this specontext "
+            f"(reads {SCHEMA_VERSION[0]}.x); upgrade specontext or recompile the plan")
+    if version[0] < SCHEMA_VERSION[0]:
+        raise PlanError(
+            f"plan schema {version[0]}.{version[1]} is older than this specontext reads "
+            f"({SCHEMA_VERSION[0]}.x); recompile the plan")
+
+
+def load_plan(directory: str | os.PathLike) -> Plan:
+    """Read and validate a plan directory written by `specontext compile`."""
+    path = Path(directory)
+    plan_file = path / PLAN_FILE
+    if not plan_file.is_file():
+        raise PlanError(f"{path} is not a plan directory (no {PLAN_FILE}); run `specontext compile` first")
+    try:
+        data = json.loads(plan_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{plan_file} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); "
+                        "the plan is corrupted, recompile it") from None
+    if not isinstance(data, dict):
+        raise PlanError(f"{plan_file} is not a plan object; the plan is corrupted, recompile it")
+    try:
+        plan = Plan.from_dict(data)
+    except (TypeError, KeyError) as exc:
+        raise PlanError(f"{plan_file} does not match the plan schema ({exc}); recompile the plan") from None
+    plan.directory = path
+    return plan
+
+
+def write_plan_dir(plan: Plan, directory: str | os.PathLike, files: dict[str, str | bytes]) -> Path:
+    """Write plan.json and extra files atomically: build in a temp dir beside, then rename.
+
+    A crash or error never leaves a half-written plan; an existing plan is replaced whole.
+    """
+    final = Path(directory).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        for rel, content in files.items():
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+        (staging / PLAN_FILE).write_text(plan.to_json())
+        if final.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, backup / final.name)
+            os.replace(staging, final)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    plan.directory = final
+    return final

@@ -1,0 +1,3 @@
+from specontext_compiler.cli import main
+
+main()

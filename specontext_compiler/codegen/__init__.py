@@ -1,0 +1,1 @@
+"""Codegen: emit the plan directory (graph source, specialized Triton kernels, report)."""

@@ -1,0 +1,1 @@
+"""Accuracy evaluation of token selection methods (specontext eval)."""
