@@ -1,0 +1,124 @@
+"""Target: one GPU and its host as the cost models see them (paper s.6 "Hardware SPEC.").
+
+Hardware is data: built-in targets are TOML files in specontext_compiler/targets/, a user's own
+target is a TOML file with the same keys. No logic anywhere branches on a GPU's name.
+Bandwidths are decimal GB/s (1e9 bytes/s), memories are bytes.
+"""
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+from specontext_compiler.errors import TargetError
+
+
+@dataclass(frozen=True)
+class Target:
+    """A GPU, its copy paths and its host memory."""
+
+    name: str
+    aliases: tuple[str, ...]
+    gpu_memory_bytes: int        # Mem_GPU of the paper
+    hbm_gbps: float              # effective device-memory bandwidth (a copy's read + write)
+    h2d_gbps: float              # pinned host -> device copy (cudaMemcpyAsync)
+    pinned_gather_gbps: float    # GPU kernel gathering scattered KV rows from pinned host memory
+    bf16_tflops: float           # dense bf16 matmul throughput
+    host_memory_bytes: int       # host DRAM available to this GPU for pinned KV
+    launch_overhead_us: float    # CPU cost of one CUDA-graph replay (per launch)
+    unified_memory: bool = False  # host and GPU share one pool (Jetson): offloading frees nothing
+    # field name -> where the figure comes from (datasheet or measured); not part of equality
+    sources: dict = field(default_factory=dict, compare=False)
+
+    def describe(self) -> str:
+        """One line for logs and reports: '<name>: 80.0 GB, 2990 GB/s HBM, ...'."""
+        return (f"{self.name}: {self.gpu_memory_bytes / 1e9:.1f} GB, {self.hbm_gbps:.0f} GB/s HBM, "
+                f"{self.pinned_gather_gbps:.1f} GB/s pinned gather, {self.bf16_tflops:.0f} TFLOP/s bf16")
+
+
+_REQUIRED = tuple(f.name for f in fields(Target) if f.name not in ("unified_memory", "sources"))
+_VALID = tuple(f.name for f in fields(Target))
+_INT_KEYS = ("gpu_memory_bytes", "host_memory_bytes")
+_FLOAT_KEYS = ("hbm_gbps", "h2d_gbps", "pinned_gather_gbps", "bf16_tflops", "launch_overhead_us")
+
+
+def _target_from_dict(data: dict, where: str) -> Target:
+    """Validate the keys and types of one parsed TOML table and build the Target."""
+    unknown = sorted(set(data) - set(_VALID))
+    missing = [k for k in _REQUIRED if k not in data]
+    if unknown or missing:
+        problem = "; ".join(filter(None, [
+            f"unknown keys {unknown}" if unknown else "",
+            f"missing keys {missing}" if missing else ""]))
+        raise TargetError(f"{where}: {problem}; valid keys are {list(_VALID)}")
+    values = dict(data)
+    try:
+        for key in _INT_KEYS:
+            values[key] = int(values[key])
+        for key in _FLOAT_KEYS:
+            values[key] = float(values[key])
+    except (TypeError, ValueError):
+        raise TargetError(f"{where}: {key} = {data[key]!r} is not a number; write e.g. {key} = 1.0e3")
+    for key in _INT_KEYS + _FLOAT_KEYS:
+        if values[key] <= 0 and key != "launch_overhead_us":
+            raise TargetError(f"{where}: {key} must be positive, got {values[key]}")
+    values["aliases"] = tuple(str(a).lower() for a in values.get("aliases", ()))
+    values["name"] = str(values["name"]).lower()
+    unified = values.get("unified_memory", False)
+    if isinstance(unified, str):   # from --set unified_memory=true
+        unified = unified.strip().lower() in ("1", "true", "yes")
+    values["unified_memory"] = bool(unified)
+    values["sources"] = {str(k): str(v) for k, v in values.get("sources", {}).items()}
+    return Target(**values)
+
+
+def load_target_file(path: str | Path) -> Target:
+    """Load a target from a user's TOML file with the keys of Target (a [sources] table optional)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise TargetError(f"target file {path} does not exist; pass a built-in name "
+                          f"({', '.join(list_targets())}) or a .toml path")
+    except tomllib.TOMLDecodeError as exc:
+        raise TargetError(f"target file {path} is not valid TOML ({exc}); fix the syntax")
+    return _target_from_dict(data, str(path))
+
+
+def _builtin_targets() -> dict[str, Target]:
+    """All built-in targets by name, read from the package data (works installed or editable)."""
+    folder = resources.files("specontext_compiler") / "targets"
+    found = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            target = _target_from_dict(tomllib.loads(entry.read_text()), f"built-in {entry.name}")
+            found[target.name] = target
+    return found
+
+
+def list_targets() -> list[str]:
+    """Names of the built-in targets, sorted."""
+    return sorted(_builtin_targets())
+
+
+def load_target(name_or_path: str) -> Target:
+    """A built-in target by name or alias (case-insensitive), or a TOML file if given a path."""
+    if str(name_or_path).endswith(".toml"):
+        return load_target_file(name_or_path)
+    key = str(name_or_path).strip().lower()
+    for target in _builtin_targets().values():
+        if key == target.name or key in target.aliases:
+            return target
+    raise TargetError(f"unknown target {name_or_path!r}; known targets: {', '.join(list_targets())}"
+                      " (or pass a .toml file with the same keys)")
+
+
+def override_target(target: Target, assignments: dict[str, str | float]) -> Target:
+    """A copy of target with some figures replaced (--set h2d_gbps=48); the source says 'user'."""
+    data = {f.name: getattr(target, f.name) for f in fields(Target)}
+    data["sources"] = dict(target.sources)
+    for key, text in assignments.items():
+        if key in ("name", "aliases", "sources"):
+            raise TargetError(f"--set {key} is not a figure; valid keys are {list(_INT_KEYS + _FLOAT_KEYS)}")
+        data[key] = text
+        data["sources"][key] = "set by the user"
+    return _target_from_dict(data, f"{target.name} with --set")

@@ -1,0 +1,89 @@
+"""target.py: built-in TOML targets, aliases, sources, and the errors of bad user files."""
+import pytest
+
+from specontext_compiler.cost_models.target import list_targets, load_target, load_target_file
+from specontext_compiler.errors import TargetError
+
+NUMERIC = ("gpu_memory_bytes", "hbm_gbps", "h2d_gbps", "pinned_gather_gbps", "bf16_tflops",
+           "host_memory_bytes", "launch_overhead_us")
+
+
+def test_builtins_load_with_a_source_for_every_figure():
+    names = list_targets()
+    assert set(names) >= {"a100-40gb", "a100-80gb", "h100", "h200", "l40s", "rtx4090", "jetson-agx-orin-64gb"}
+    for name in names:
+        target = load_target(name)
+        assert target.name == name
+        for key in NUMERIC:
+            assert getattr(target, key) > 0
+            assert target.sources.get(key), f"{name}.{key} has no source"
+        assert target.pinned_gather_gbps < target.h2d_gbps
+
+
+def test_h100_uses_the_measured_figures():
+    h100 = load_target("H100")
+    assert (h100.hbm_gbps, h100.h2d_gbps, h100.pinned_gather_gbps, h100.bf16_tflops) == (2990, 51.6, 42.3, 754)
+    assert "measured" in h100.sources["hbm_gbps"]
+
+
+def test_aliases_and_unified_memory():
+    assert load_target("a100").name == "a100-80gb"
+    jetson = load_target("jetson")
+    assert jetson.unified_memory and jetson.host_memory_bytes == jetson.gpu_memory_bytes
+    assert not load_target("h100").unified_memory
+
+
+def test_unknown_target_lists_the_known_ones():
+    with pytest.raises(TargetError, match="known targets: a100-40gb"):
+        load_target("tpu-v5")
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """name = "mine"
+aliases = ["m"]
+gpu_memory_bytes = 16_000_000_000
+hbm_gbps = 500.0
+h2d_gbps = 20
+pinned_gather_gbps = 16.4
+bf16_tflops = 80.0
+host_memory_bytes = 64_000_000_000
+launch_overhead_us = 6.0
+"""
+
+
+def test_user_file_loads(tmp_path):
+    target = load_target(str(_write(tmp_path, GOOD)))
+    assert target.name == "mine" and target.h2d_gbps == 20.0 and target.aliases == ("m",)
+
+
+def test_unknown_and_missing_keys_are_named(tmp_path):
+    path = _write(tmp_path, GOOD.replace("hbm_gbps", "hbm_bandwidth"))
+    with pytest.raises(TargetError) as err:
+        load_target_file(path)
+    message = str(err.value)
+    assert "hbm_bandwidth" in message and "missing keys ['hbm_gbps']" in message
+    assert "valid keys" in message and "\n" not in message
+
+
+def test_non_number_and_bad_syntax(tmp_path):
+    with pytest.raises(TargetError, match="bf16_tflops"):
+        load_target_file(_write(tmp_path, GOOD.replace("80.0", '"fast"')))
+    with pytest.raises(TargetError, match="not valid TOML"):
+        load_target_file(_write(tmp_path, GOOD + "oops = \n"))
+    with pytest.raises(TargetError, match="does not exist"):
+        load_target_file(tmp_path / "absent.toml")
+
+
+def test_override_replaces_a_figure_and_rejects_unknown_keys():
+    from specontext_compiler.cost_models.target import override_target
+    h100 = load_target("h100")
+    slower = override_target(h100, {"h2d_gbps": "48"})
+    assert slower.h2d_gbps == 48.0 and slower.sources["h2d_gbps"] == "set by the user"
+    assert h100.h2d_gbps == 51.6
+    with pytest.raises(TargetError, match="unknown keys \\['pcie'\\]"):
+        override_target(h100, {"pcie": "5"})
