@@ -1,0 +1,134 @@
+"""End-to-end decode benchmark on one GPU: Hugging Face vs specontext, same run, same model shape.
+
+    python benchmarks/bench_e2e.py --plans benchmarks/plans --contexts 32k,64k,128k --out $OUT
+
+Model: Llama-3.1-8B shape, bf16, random weights (a step's time does not depend on the values).
+Caches are filled with random K/V of the context length instead of a prefill. Plans are compiled
+beforehand (benchmarks/compile_bench_plans.sh) for this machine's target file. Prints one
+markdown table last; writes every measurement as JSON lines to OUT/bench_e2e.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hf_baselines  # noqa: E402  (benchmark-local helper module)
+
+from specontext_compiler.runtime.plan import load_plan  # noqa: E402
+from specontext_compiler.sizes import parse_tokens  # noqa: E402
+
+
+def random_llama(preset_json: Path, device):
+    """The preset's model with random bf16 weights, built directly on the GPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(**json.loads(preset_json.read_text()))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def fill_store_randomly(engine, context: int) -> None:
+    """Pretend every slot holds `context` tokens: random K/V, resident and offloaded alike."""
+    ctx = engine.ctx
+    ctx.cache_len.fill_(context)
+    engine.memory.before_step(context)          # the plan's residency at this length
+    chunk = torch.randn(64 << 20, device="cuda", dtype=ctx.store.layout.dtype)   # 128 MiB of noise
+    for layer in ctx.store.layers:
+        for tensor in (layer.k, layer.v):
+            flat = tensor.view(-1)
+            for start in range(0, flat.numel(), chunk.numel()):
+                part = flat[start:start + chunk.numel()]
+                part.copy_(chunk[:part.numel()], non_blocking=True)
+    if ctx.store.head_k is not None:
+        ctx.store.head_k.normal_()
+    torch.cuda.synchronize()
+
+
+def time_engine(engine, context: int, steps: int) -> dict:
+    """Median decode-step time of the engine's captured step over all slots at `context` tokens."""
+    fill_store_randomly(engine, context)
+    slots = engine.slots
+    ids = torch.randint(0, 1000, (slots, 1), device="cuda")
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(steps + 3):
+        engine.memory.before_step(int(engine.ctx.cache_len.max()))
+        pos = engine.ctx.cache_len.view(-1, 1).clone()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = engine.step.run(ids, pos)
+        ids = logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        if step >= 3:
+            times.append(time.perf_counter() - start)
+    step_s = sorted(times)[len(times) // 2]
+    stats = engine.stats()
+    return {"step_ms": step_s * 1e3, "tokens_per_s": slots / step_s, "batch": slots,
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "pinned_gb": stats["host_kv_bytes"] / 1e9, "overlap": stats["selection_overlap"],
+            "rows_loaded_per_step": stats["rows_loaded"] / max(1, steps), "captures": engine.step.captures}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plans", default="benchmarks/plans")
+    parser.add_argument("--contexts", default="32k,64k,128k")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "bench_e2e.jsonl").open("a")
+    rows = []
+
+    def record(row):
+        rows.append(row)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        print(json.dumps(row), flush=True)
+
+    preset = Path(__file__).resolve().parents[1] / "specontext_compiler" / "presets" / "llama-3.1-8b.json"
+    model = random_llama(preset, "cuda")
+    for context in [parse_tokens(c) for c in args.contexts.split(",")]:
+        if not args.skip_hf:
+            start = hf_baselines.estimate_max_batch(model, context + args.steps + 2)
+            best = hf_baselines.largest_fitting_batch(model, context, args.steps, start)
+            record({"method": "HF eager (DynamicCache, largest batch)", "context": context, **best})
+            off = hf_baselines.time_hf_decode(model, 1, context, max(3, args.steps // 3), offloading=True)
+            record({"method": "HF offloaded cache", "context": context, **off})
+        for kind in ("dense", "sparse"):
+            plan_dir = Path(args.plans) / f"{kind}-{context}"
+            if not plan_dir.exists():
+                continue
+            engine = load_plan(plan_dir).bind(model)
+            result = time_engine(engine, context, args.steps)
+            record({"method": f"specontext {kind}", "context": context,
+                    "predicted_step_ms": engine.plan.segment_for(context).predicted.get("step_ms"), **result})
+            del engine
+            torch.cuda.empty_cache()
+    print_table(rows)
+
+
+def print_table(rows) -> None:
+    print("\n| context | method | batch | step ms | tok/s | peak GPU GB | pinned GB | overlap | predicted ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("oom"):
+            print(f"| {r['context']} | {r['method']} | OOM | | | | | | |")
+            continue
+        print(f"| {r['context']} | {r['method']} | {r.get('batch')} | {r.get('step_ms', 0):.1f} | "
+              f"{r.get('tokens_per_s', 0):.1f} | {r.get('peak_gpu_gb', 0):.1f} | {r.get('pinned_gb', 0) or 0:.1f} | "
+              f"{r.get('overlap') if r.get('overlap') is None else round(r['overlap'], 3)} | "
+              f"{r.get('predicted_step_ms') or ''} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The KV store: each layer's K/V cache, on the GPU or offloaded to pinned host memory (paper s.6).
+
+Layout per layer (head-major, so one (head, token) row is head_dim elements contiguous):
+  resident  k, v: [slots, Hkv, capacity, D] on the compute device
+  offloaded k, v: [slots, Hkv, max_len, D] in pinned host memory (the full history), plus a
+            budget buffer buf_k, buf_v: [slots, Hkv, W, D] on the device and slot_pos
+            [slots, G, W] int32 (the position each buffer slot holds, -1 empty)
+
+A resident layer's device cache holds only as many tokens as the current residency segment
+allows (the ILP's memory constraint is per segment); grow() enlarges it at a segment boundary.
+A layer moves from resident to offloaded at most once (the paper offloads one way, from the last
+layer backwards); offload() copies its history to the host and frees the device cache.
+The retrieval head's own K cache lives here too ([slots, Hkv_head, max_len, D], device).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Sizes of the store. W = selection width (budget + sinks + recent)."""
+
+    num_layers: int
+    slots: int               # requests served at once (the plan's batch)
+    max_len: int             # tokens per request, prompt + generated
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    width: int               # W
+    groups: int              # G: index sets per request (Hkv, or 1 for MQA / batch level)
+    dtype: torch.dtype
+    device: torch.device
+
+
+class LayerKV:
+    """One layer's cache; `offloaded` says where the history lives."""
+
+    def __init__(self, layout: KVLayout, capacity: int, offloaded: bool):
+        self.layout = layout
+        self.offloaded = False
+        shape_k = (layout.slots, layout.num_kv_heads, capacity, layout.head_dim)
+        shape_v = (layout.slots, layout.num_kv_heads, capacity, layout.v_head_dim)
+        self.k = torch.empty(shape_k, dtype=layout.dtype, device=layout.device)
+        self.v = torch.empty(shape_v, dtype=layout.dtype, device=layout.device)
+        self.buf_k = self.buf_v = self.slot_pos = None
+        if offloaded:
+            self._to_host(0)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def _to_host(self, filled: int) -> None:
+        lay = self.layout
+        pin = lay.device.type == "cuda"
+        host_k = torch.empty((lay.slots, lay.num_kv_heads, lay.max_len, lay.head_dim),
+                             dtype=lay.dtype, pin_memory=pin)
+        host_v = torch.empty((lay.slots, lay.num_kv_heads, lay.max_len, lay.v_head_dim),
+                             dtype=lay.dtype, pin_memory=pin)
+        if filled:
+            host_k[:, :, :filled].copy_(self.k[:, :, :filled])
+            host_v[:, :, :filled].copy_(self.v[:, :, :filled])
+        self.k, self.v = host_k, host_v
+        self.buf_k = torch.empty((lay.slots, lay.num_kv_heads, lay.width, lay.head_dim),
+                                 dtype=lay.dtype, device=lay.device)
+        self.buf_v = torch.empty((lay.slots, lay.num_kv_heads, lay.width, lay.v_head_dim),
+                                 dtype=lay.dtype, device=lay.device)
+        self.slot_pos = torch.full((lay.slots, lay.groups, lay.width), -1, dtype=torch.int32,
+                                   device=lay.device)
+        self.offloaded = True
+
+    def offload(self, filled: int) -> None:
+        """Move this layer's history [0, filled) to pinned host memory; frees the device cache."""
+        if not self.offloaded:
+            self._to_host(filled)
+
+    def grow(self, capacity: int, filled: int) -> None:
+        """Give a resident layer room for `capacity` tokens, keeping its first `filled` tokens."""
+        if self.offloaded or capacity <= self.capacity:
+            return
+        lay = self.layout
+        capacity = min(capacity, lay.max_len)
+        new_k = torch.empty((lay.slots, lay.num_kv_heads, capacity, lay.head_dim), dtype=lay.dtype, device=lay.device)
+        new_v = torch.empty((lay.slots, lay.num_kv_heads, capacity, lay.v_head_dim), dtype=lay.dtype, device=lay.device)
+        new_k[:, :, :filled].copy_(self.k[:, :, :filled])
+        new_v[:, :, :filled].copy_(self.v[:, :, :filled])
+        self.k, self.v = new_k, new_v
+
+    def reset_slot(self, slot: int) -> None:
+        """Forget what a request slot's budget buffer holds (a new request takes the slot)."""
+        if self.slot_pos is not None:
+            self.slot_pos[slot].fill_(-1)
+
+
+class KVStore:
+    """All layers' caches plus the retrieval head's K cache."""
+
+    def __init__(self, layout: KVLayout, offloaded_layers=(), capacities: dict[int, int] | None = None,
+                 head_kv_heads: int = 0, head_dim: int = 0):
+        self.layout = layout
+        capacities = capacities or {}
+        self.layers = [LayerKV(layout, capacities.get(i, layout.max_len), i in set(offloaded_layers))
+                       for i in range(layout.num_layers)]
+        self.head_k = None
+        if head_kv_heads:
+            self.head_k = torch.empty((layout.slots, head_kv_heads, layout.max_len, head_dim),
+                                      dtype=layout.dtype, device=layout.device)
+
+    def offloaded_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if layer.offloaded]
+
+    def device_bytes(self) -> int:
+        """Bytes this store holds on the compute device."""
+        total = 0
+        for layer in self.layers:
+            tensors = [layer.buf_k, layer.buf_v, layer.slot_pos] if layer.offloaded else [layer.k, layer.v]
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        if self.head_k is not None:
+            total += self.head_k.numel() * self.head_k.element_size()
+        return total
+
+    def host_bytes(self) -> int:
+        """Bytes of offloaded history in (pinned) host memory."""
+        return sum(layer.k.numel() * layer.k.element_size() + layer.v.numel() * layer.v.element_size()
+                   for layer in self.layers if layer.offloaded)

@@ -1,0 +1,191 @@
+"""StepContext: the state behind the specontext:: ops while the decode graph runs.
+
+The graph is a pure function of (weights, input_ids, position_ids); the ops it contains call the
+methods below, which own the KV store, the retrieval head's K cache, the elastic-loading state
+and (on CUDA) the copy stream. One forward is bracketed by begin() and end():
+
+    ctx.begin(input_ids, position_ids, slot_start)   # which request slots, how many new tokens
+    with context.active(ctx): logits = graph(params, input_ids, position_ids)
+    ctx.end()                                          # the new tokens are now cached
+
+Prefill (T > 1) attends densely; decode (T == 1) attends over the selected rows (paper s.4-5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specontext_compiler.runtime import attention as ref
+from specontext_compiler.runtime import selection
+from specontext_compiler.runtime.kv_store import KVLayout, KVStore
+from specontext_compiler.runtime.prefetch import Prefetcher
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How many tokens each group attends to: budget + sinks + recent window (plan parameters)."""
+
+    budget: int
+    sink_tokens: int = 1
+    recent_tokens: int = 16
+    level: str = "head"
+
+    @property
+    def width(self) -> int:
+        return selection.selection_width(self.budget, self.sink_tokens, self.recent_tokens)
+
+
+class StepContext:
+    """Implements the specontext:: ops over a KVStore for one engine."""
+
+    def __init__(self, store: KVStore, config: SelectionConfig, num_heads: int, head=None,
+                 kernels=None):
+        self.store = store
+        self.config = config
+        self.num_heads = num_heads
+        self.num_kv_heads = store.layout.num_kv_heads
+        self.head = head
+        self.kernels = kernels            # runtime.kernel_dispatch.Kernels on CUDA, None on CPU
+        layout = store.layout
+        self.cache_len = torch.zeros(layout.slots, dtype=torch.int64, device=layout.device)
+        self.starts = torch.zeros(layout.slots, dtype=torch.int64, device=layout.device)
+        self.last_indices = torch.full((layout.slots, layout.groups, layout.width), -1,
+                                       dtype=torch.int32, device=layout.device)
+        self.prefetcher = Prefetcher(store, kernels)
+        self._rows = slice(0, layout.slots)
+        self._steps = 1
+
+    @classmethod
+    def for_model(cls, spec, batch: int, max_len: int, budget: int, sink_tokens: int = 1,
+                  recent_tokens: int = 16, head=None, offloaded_layers=(), capacity: int | None = None,
+                  device="cpu",
+                  dtype=torch.float32, level: str = "head", kernels=None) -> "StepContext":
+        """A context sized for a ModelSpec (tests and the engine use this)."""
+        config = SelectionConfig(budget, sink_tokens, recent_tokens, level)
+        v_dim = getattr(spec, "v_head_dim", 0) or spec.head_dim
+        layout = KVLayout(num_layers=spec.num_layers, slots=batch, max_len=max_len,
+                          num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, v_head_dim=v_dim,
+                          width=config.width,
+                          groups=selection.selection_groups(spec.num_heads, spec.num_kv_heads, level),
+                          dtype=dtype, device=torch.device(device))
+        capacities = {i: capacity for i in range(spec.num_layers)} if capacity else None
+        store = KVStore(layout, offloaded_layers, capacities=capacities,
+                        head_kv_heads=head.num_kv_heads if head is not None else 0,
+                        head_dim=head.head_dim if head is not None else 0)
+        return cls(store, config, spec.num_heads, head=head, kernels=kernels)
+
+    # -- step bracketing ---------------------------------------------------------------------
+    def begin(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+              slot_start: int = 0) -> None:
+        """Declare the request slots [slot_start, slot_start+B) and T new tokens of this forward."""
+        batch, steps = input_ids.shape
+        if slot_start + batch > self.store.layout.slots:
+            raise ValueError(f"slots {slot_start}..{slot_start + batch} exceed the store's {self.store.layout.slots}")
+        self._rows = slice(slot_start, slot_start + batch)
+        self._steps = steps
+        self.starts[self._rows].copy_(self.cache_len[self._rows])
+        self.prefetcher.new_step()
+
+    def end(self) -> None:
+        """The forward is done: its tokens count as cached."""
+        self.cache_len[self._rows] += self._steps
+
+    def reset_slot(self, slot: int) -> None:
+        """Free a request slot for a new request."""
+        self.cache_len[slot] = 0
+        self.last_indices[slot].fill_(-1)
+        for layer in self.store.layers:
+            layer.reset_slot(slot)
+
+    # -- the ops -----------------------------------------------------------------------------
+    def dense_attention(self, q, k, v, layer: int, scaling: float) -> torch.Tensor:
+        """specontext::attention: append, then attend over everything cached (the original graph)."""
+        kv = self.store.layers[layer]
+        starts = self.starts[self._rows]
+        self._append(kv, k, v, starts)
+        cache_k, cache_v = kv.k[self._rows], kv.v[self._rows]
+        if kv.offloaded:   # prefill into an offloaded layer: bring its history over for this chunk
+            end = int(starts.max()) + q.shape[2]
+            cache_k = cache_k[:, :, :end].to(q.device, non_blocking=True)
+            cache_v = cache_v[:, :, :end].to(q.device, non_blocking=True)
+        return ref.dense_causal(q, cache_k, cache_v, starts, scaling)
+
+    def retrieve(self, input_ids, position_ids) -> torch.Tensor:
+        """specontext::retrieve: run the retrieval head, select W rows per group for every layer."""
+        rows, starts = self._rows, self.starts[self._rows]
+        width, groups = self.config.width, self.store.layout.groups
+        if self.head is None or self._steps > 1:
+            if self.head is not None:
+                _, k = self.head.project(input_ids, position_ids)
+                self._append_head(k, starts)
+            out = torch.full((input_ids.shape[0], groups, width), -1, dtype=torch.int32,
+                             device=input_ids.device)
+            if self.head is None and self._steps == 1:
+                out = self._select(torch.zeros(input_ids.shape[0], self.num_heads, int(self.store.layout.max_len),
+                                               device=input_ids.device), starts)
+            self.last_indices[rows].copy_(out)
+            return out
+        q, k = self.head.project(input_ids, position_ids)
+        self._append_head(k, starts)
+        head_k = self.store.head_k[rows]
+        if self.kernels is not None:
+            scores = self.kernels.group_scores(q[:, :, -1], head_k, starts, self.head.scaling, groups)
+            out = self.kernels.select(scores, starts, self.config)
+        else:
+            weights = selection.attention_weights(q[:, :, -1], head_k, self.head.scaling, seq_lens=starts)
+            out = self._select(weights, starts)
+        self.last_indices[rows].copy_(out)
+        return out
+
+    def sparse_attention(self, q, k, v, indices, layer: int, scaling: float) -> torch.Tensor:
+        """specontext::sparse_attention: dense for prefill, selected rows + new token for decode."""
+        kv = self.store.layers[layer]
+        rows, starts = self._rows, self.starts[self._rows]
+        if self._steps > 1:
+            return self.dense_attention(q, k, v, layer, scaling)
+        if kv.offloaded:
+            self.prefetcher.ensure_loaded(layer, indices, rows)
+            k_src, v_src = kv.buf_k[rows], kv.buf_v[rows]
+            src_rows = self.prefetcher.buffer_rows(layer, rows)
+        else:
+            k_src, v_src, src_rows = kv.k[rows], kv.v[rows], indices
+        out = self._sparse_decode(q[:, :, 0], k_src, v_src, src_rows, k[:, :, 0], v[:, :, 0], scaling)
+        self._append(kv, k, v, starts)        # after attending: the new token is passed directly
+        return out.unsqueeze(1)
+
+    def prefetch_issue(self, indices, layer: int) -> torch.Tensor:
+        """specontext::prefetch_issue: start the elastic load of an offloaded layer."""
+        self.prefetcher.issue(layer, indices, self._rows, decode=self._steps == 1)
+        return torch.zeros(1, dtype=torch.int64, device=indices.device)
+
+    def prefetch_wait(self, ticket, layer: int) -> torch.Tensor:
+        """specontext::prefetch_wait: the compute stream waits for that layer's copy."""
+        self.prefetcher.wait(layer)
+        return torch.zeros(1, dtype=torch.int64, device=ticket.device)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _select(self, weights, starts):
+        cfg = self.config
+        idx = selection.select_tokens(weights, self.num_kv_heads, cfg.budget, level=cfg.level,
+                                      sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens,
+                                      seq_lens=starts)
+        return idx.to(torch.int32)
+
+    def _append(self, kv, k, v, starts):
+        if self.kernels is not None:
+            self.kernels.append(kv.k[self._rows], kv.v[self._rows], k, v, starts)
+        else:
+            ref.append_reference(kv.k[self._rows], kv.v[self._rows], k, v, starts)
+
+    def _append_head(self, k, starts):
+        head_k = self.store.head_k[self._rows]
+        if self.kernels is not None:
+            self.kernels.append_one(head_k, k, starts)
+        else:
+            ref.append_reference(head_k, head_k, k, k, starts)
+
+    def _sparse_decode(self, q, k_src, v_src, src_rows, k_new, v_new, scaling):
+        if self.kernels is not None:
+            return self.kernels.sparse_decode(q, k_src, v_src, src_rows, k_new, v_new, scaling)
+        return ref.sparse_decode_reference(q, k_src, v_src, src_rows, k_new, v_new, scaling)

@@ -1,0 +1,66 @@
+"""Bind weights to the plan's graph: load the model, check it is the one the plan was built for.
+
+The graph's leading placeholders are parameters and buffers named by their Hugging Face
+state-dict names (plan.graph["inputs"]); binding looks each one up by name. transformers is
+imported only here, inside functions: the runtime package itself stays import-light.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from specontext_compiler.errors import ModelError, ModelMismatchError
+
+# Fields of plan.model compared with the bound model's config, in the order they are reported.
+_SHAPE_FIELDS = (("num_layers", "num_hidden_layers"), ("hidden_size", "hidden_size"),
+                 ("num_heads", "num_attention_heads"), ("num_kv_heads", "num_key_value_heads"),
+                 ("vocab_size", "vocab_size"), ("intermediate_size", "intermediate_size"))
+
+
+def load_hf_model(model, dtype: torch.dtype, device: torch.device):
+    """An HF causal LM from a model object, a local directory, or a .gguf file path."""
+    if isinstance(model, torch.nn.Module):
+        return model.to(device=device, dtype=dtype).eval()
+    from transformers import AutoModelForCausalLM  # heavy; only when binding from disk
+    path = Path(model)
+    if not path.exists():
+        raise ModelError(f"model {model} does not exist; pass a local Hugging Face directory, a .gguf file "
+                         "or a model object")
+    kwargs = {"dtype": dtype}
+    if path.suffix == ".gguf":
+        kwargs["gguf_file"] = path.name
+        path = path.parent
+    loaded = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return loaded.to(device).eval()
+
+
+def check_model_matches(plan_model: dict, config) -> None:
+    """Raise ModelMismatchError naming the first shape field where the model differs from the plan."""
+    for plan_field, config_field in _SHAPE_FIELDS:
+        expected = plan_model.get(plan_field)
+        actual = getattr(config, config_field, None)
+        if config_field == "num_key_value_heads" and actual is None:
+            actual = getattr(config, "num_attention_heads", None)
+        if expected is not None and actual is not None and int(expected) != int(actual):
+            raise ModelMismatchError(
+                f"plan {plan_model.get('name')!r} is for {plan_field}={expected}, the model has {actual}; "
+                "compile a plan for this model")
+
+
+def graph_params(model, inputs: list[dict]) -> list[torch.Tensor]:
+    """Tensors for the graph's parameter/buffer placeholders, in placeholder order."""
+    named = dict(model.named_parameters())
+    named.update(dict(model.named_buffers()))
+    named.update({k: v for k, v in model.state_dict().items() if k not in named})  # tied weights
+    params = []
+    for spec in inputs:
+        if spec["kind"] not in ("parameter", "buffer", "constant"):
+            continue
+        tensor = named.get(spec["target"])
+        if tensor is None:
+            raise ModelMismatchError(f"the model has no tensor {spec['target']!r} that the plan's graph needs; "
+                                     "compile a plan for this model")
+        params.append(tensor.detach())
+    return params
+

@@ -1,0 +1,157 @@
+"""The compiler driver: model -> FX graph -> passes -> cost model + ILP -> codegen -> plan directory.
+
+`compile_model` is the whole pipeline, the function behind `specontext compile` and
+`specontext_compiler.compile(...)`. Each stage reports itself through `progress(stage, seconds
+so far)`, so the CLI can show rich progress; the plan is written atomically at the end.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from specontext_compiler import __version__
+from specontext_compiler.runtime.plan import SCHEMA_VERSION, Plan, PrefetchSlot, Segment, write_plan_dir
+from specontext_compiler.sizes import parse_tokens
+
+Progress = Callable[[str, float], None]
+STAGES = ("load model", "plan (ILP)", "export", "passes", "retrieval head", "codegen", "write")
+
+
+def compile_model(model: str, target: str = "a100", max_len: int | str = "128k", *,
+                  batch: int | str = 1, budget: int = 2048, sink_tokens: int = 1,
+                  recent_tokens: int = 16, out: str | Path | None = None, dlm: str | None = None,
+                  target_file: str | None = None, prompt_len: int | str | None = None,
+                  selection_overlap: float = 0.8, progress: Progress | None = None) -> Plan:
+    """Compile a plan for serving MODEL on TARGET up to max_len tokens; write it to `out`."""
+    from specontext_compiler import models
+    from specontext_compiler.cost_models.ilp import plan_residency
+    from specontext_compiler.cost_models.target import load_target, load_target_file
+    from specontext_compiler.cost_models.workload import Workload
+
+    clock = _Clock(progress)
+    clock.stage("load model")
+    source = models.resolve_model(model)
+    spec = models.spec_from_config(source.config, source.name)
+    max_len_tokens = parse_tokens(max_len, "--max-len")
+    models.check_max_len(spec, max_len_tokens)
+    hw = load_target_file(target_file) if target_file else load_target(target)
+    prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len else _default_prompt(max_len_tokens)
+    workload = Workload(max_len=max_len_tokens, prompt_len=prompt_tokens,
+                        batch=batch if isinstance(batch, int) else 1, budget=budget,
+                        sink_tokens=sink_tokens, recent_tokens=recent_tokens,
+                        selection_overlap=selection_overlap)
+
+    clock.stage("plan (ILP)")
+    solution = plan_residency(spec, workload, hw, batch=_parse_batch(batch))
+    offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
+
+    clock.stage("export")
+    captured = _capture(source.config)
+
+    clock.stage("passes")
+    from specontext_compiler.pipeline import run_pipeline
+    schedule = {layer: issue for layer, issue in solution.schedule}
+    graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, schedule)
+
+    clock.stage("retrieval head")
+    head_info, files = _retrieval_head(dlm, source, spec)
+
+    clock.stage("codegen")
+    from specontext_compiler.codegen.emit_graph import emit_graph_source
+    from specontext_compiler.codegen.emit_kernels import emit_kernels
+    graph_source, graph_record = emit_graph_source(graph_module, captured.param_names)
+    files["decode_graph.py"] = graph_source
+    workload_fields = _workload_fields(workload, solution, source)
+    kernel_files, kernel_records = emit_kernels(spec.to_dict(), workload_fields)
+    files.update(kernel_files)
+
+    plan = Plan(
+        schema_version=list(SCHEMA_VERSION), producer=_producer(),
+        model={**spec.to_dict(), "config_sha256": models.config_sha256(source.config),
+               "source": str(source.path) if source.path else None, "preset": source.preset},
+        target=hw.to_dict() if hasattr(hw, "to_dict") else dict(vars(hw)),
+        workload=workload_fields, retrieval_head=head_info,
+        segments=[Segment(s.from_len, s.to_len, list(s.gpu_layers), list(s.offloaded_layers), dict(s.predicted))
+                  for s in solution.segments],
+        schedule=[PrefetchSlot(layer, issue, layer) for layer, issue in solution.schedule],
+        prediction=_prediction(solution, spec, workload, hw), solver=dict(solution.solver),
+        graph=graph_record, kernels=kernel_records, passes=pass_records)
+
+    clock.stage("write")
+    from specontext_compiler.report import render_report_markdown
+    files["report.md"] = render_report_markdown(plan)
+    out_dir = Path(out) if out else Path("plans") / f"{source.name}-{hw.name}"
+    write_plan_dir(plan, out_dir, files)
+    clock.stage("done")
+    return plan
+
+
+class _Clock:
+    def __init__(self, progress: Progress | None):
+        self.progress, self.start = progress, time.perf_counter()
+
+    def stage(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress(name, time.perf_counter() - self.start)
+
+
+def _default_prompt(max_len: int) -> int:
+    """Without --prompt-len, plan for prompts of 1/16 of max-len (at least 1 token)."""
+    return max(1, min(2048, max_len // 16))
+
+
+def _parse_batch(batch: int | str) -> int | str:
+    from specontext_compiler.errors import SpecontextError
+    if isinstance(batch, int) or str(batch) == "auto":
+        return batch if isinstance(batch, int) else "auto"
+    try:
+        return int(batch)
+    except ValueError:
+        raise SpecontextError(f"--batch {batch!r} is not a number; give a request count or 'auto'") from None
+
+
+def _capture(config):
+    from specontext_compiler.capture import capture_decode_graph
+    return capture_decode_graph(config)
+
+
+def _retrieval_head(dlm: str | None, source, spec) -> tuple[dict, dict[str, bytes]]:
+    """Extract the retrieval head when a DLM is given; else the LLM's own layer 0 at bind time."""
+    if dlm is None:
+        return {"source": "self:0", "layer": 0, "file": None,
+                "note": "self-derived: the LLM's layer-0 embedding, norm and Q/K projections, built at bind time"}, {}
+    from specontext_compiler.dlm import extract_retrieval_head
+    head, report = extract_retrieval_head(dlm, source.config)
+    return {**report, "source": str(dlm), "file": "retrieval_head.safetensors"}, \
+        {"retrieval_head.safetensors": head.to_bytes()}
+
+
+def _workload_fields(workload, solution, source) -> dict:
+    return {"max_len": workload.max_len, "prompt_len": workload.prompt_len, "batch": solution.batch,
+            "budget": workload.budget, "sink_tokens": workload.sink_tokens,
+            "recent_tokens": workload.recent_tokens, "width": workload.window_tokens,
+            "selection_overlap": workload.selection_overlap, "level": "head",
+            "dtype": "bfloat16"}
+
+
+def _prediction(solution, spec, workload, hw) -> dict:
+    last = solution.segments[-1].predicted
+    summary = {"batch": solution.batch, "max_len": workload.max_len,
+               "step_ms_at_max_len": last.get("step_ms"), "tokens_per_s_at_max_len": last.get("tokens_per_s")}
+    extra = getattr(solution, "report_fields", None)
+    if callable(extra):
+        summary.update(extra())
+    return summary
+
+
+def _producer() -> dict:
+    versions = {"specontext": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "pulp", "triton"):
+        try:
+            versions[name] = metadata.version(name.replace("pulp", "PuLP") if name == "pulp" else name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
