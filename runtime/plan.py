@@ -61,7 +61,9 @@ class Plan:
 
     # -- residency ---------------------------------------------------------------------------
     def segment_for(self, seq_len: int) -> Segment:
-        """The residency segment that covers a sequence length (the last one past max_len)."""
+        """The residency segment that covers a sequence length (first before it, last past max_len)."""
+        if seq_len < self.segments[0].from_len:
+            return self.segments[0]        # a prompt shorter than planned: the first residency
         for seg in self.segments:
             if seg.from_len <= seq_len < seg.to_len:
                 return seg

@@ -138,13 +138,33 @@ def _workload_fields(workload, solution, source) -> dict:
 
 
 def _prediction(solution, spec, workload, hw) -> dict:
-    last = solution.segments[-1].predicted
-    summary = {"batch": solution.batch, "max_len": workload.max_len,
-               "step_ms_at_max_len": last.get("step_ms"), "tokens_per_s_at_max_len": last.get("tokens_per_s")}
-    extra = getattr(solution, "report_fields", None)
-    if callable(extra):
-        summary.update(extra())
-    return summary
+    """Summary, per-segment memory breakdown and one step's overlap timeline at max-len."""
+    from dataclasses import replace
+
+    from specontext_compiler.cost_models import memory
+    from specontext_compiler.cost_models.latency import timeline
+    work = replace(workload, batch=solution.batch)
+    breakdown = []
+    for seg in solution.segments:
+        gpu, off = len(seg.gpu_layers), len(seg.offloaded_layers)
+        breakdown.append({
+            "from_len": seg.from_len, "to_len": seg.to_len,
+            "weights": memory.weight_bytes(spec), "retrieval_head": memory.head_weight_bytes(spec, work),
+            "head_k_cache": memory.head_k_cache_bytes(spec, work, seg.to_len),
+            "resident_kv": memory.resident_kv_bytes(spec, work, gpu, seg.to_len),
+            "budget_buffers": memory.budget_buffer_bytes(spec, work, off),
+            "workspace": memory.workspace_bytes(spec, work, seg.to_len),
+            "total": memory.gpu_bytes(spec, work, gpu, seg.to_len),
+            "host_pinned": memory.host_bytes(spec, work, off, seg.to_len)})
+    last = solution.segments[-1]
+    events = timeline(spec, work, hw, last.to_len, offloaded_layers=last.offloaded_layers,
+                      issue_before=dict(solution.schedule))
+    return {"batch": solution.batch, "max_len": workload.max_len, **dict(solution.predicted),
+            "step_ms_at_max_len": last.predicted.get("step_ms"),
+            "tokens_per_s_at_max_len": last.predicted.get("tokens_per_s"),
+            "batch_search": list(solution.batch_search), "memory_breakdown": breakdown,
+            "timeline": [{"stream": e.stream, "label": e.label, "start_ms": e.start_ms, "end_ms": e.end_ms}
+                         for e in events]}
 
 
 def _producer() -> dict:

@@ -1,0 +1,44 @@
+"""Load a plan's specialized kernel modules (plan_dir/kernels/*.py) after checking their hashes.
+
+The files were written by specontext_compiler/codegen/emit_kernels.py and hashed in plan.json;
+a file that was edited, truncated or swapped is refused before any of its code runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from specontext_compiler.errors import PlanError
+
+
+def load_plan_kernels(plan_dir, records: list[dict]) -> dict[str, ModuleType]:
+    """{family: module} for the plan's kernel records [{family, file, sha256, ...}]."""
+    modules = {}
+    for record in records:
+        path = Path(plan_dir) / record["file"]
+        if not path.is_file():
+            raise PlanError(f"plan kernel {record['file']} is missing from {plan_dir}; recompile the plan")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != record["sha256"]:
+            raise PlanError(f"plan kernel {record['file']} does not match the sha256 in plan.json "
+                            f"(edited or corrupted); recompile the plan")
+        modules[record["family"]] = _import(path, f"specontext_plan_kernels.{record['family']}_{digest[:16]}")
+    return modules
+
+
+def _import(path: Path, name: str) -> ModuleType:
+    """Import a file under a name unique to its content, so two plans can be loaded side by side."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # Triton's @jit looks the source up through the module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -1,0 +1,357 @@
+"""The `specontext` command line: compile, inspect, targets, run, eval.
+
+Each command parses its options, calls one library function and renders the result; user errors
+(SpecontextError) and a missing optional dependency become one line on stderr and exit 2, here
+and nowhere else. `--debug` (or SPECONTEXT_DEBUG=1) shows the traceback instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from specontext_compiler.errors import SpecontextError
+from specontext_compiler.sizes import parse_tokens
+
+app = typer.Typer(help="SpeContext ahead-of-time compiler: plan KV residency for long-context decoding, "
+                       "inspect plans, run them.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False)
+_STATE = {"debug": False}
+# optional dependency (top-level module) -> the pip extra that brings it
+_EXTRAS = {"matplotlib": "specontext[plot]", "gguf": "specontext[gguf]", "accelerate": "specontext[gguf]"}
+PROGRESS_DELAY_S = 1.0
+
+
+def _out() -> Console:
+    return Console(highlight=False)
+
+
+def _fail(message: str) -> None:
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print(Text("error: ", style="bold red") + Text(" ".join(message.split())))
+    raise typer.Exit(code=2)
+
+
+def _edge(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user errors raised under a command into one stderr line and exit code 2."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SpecontextError as exc:
+            if _STATE["debug"]:
+                raise
+            _fail(str(exc))
+        except ModuleNotFoundError as exc:
+            top = (exc.name or "").split(".")[0]
+            if _STATE["debug"] or top not in _EXTRAS:
+                raise
+            _fail(f"{top} is not installed; install it with: pip install '{_EXTRAS[top]}'")
+    return wrapper
+
+
+@app.callback()
+def _global(debug: Annotated[bool, typer.Option(
+        "--debug", envvar="SPECONTEXT_DEBUG",
+        help="Show the full traceback on errors (also SPECONTEXT_DEBUG=1).")] = False) -> None:
+    """SpeContext ahead-of-time compiler.
+
+    Example: specontext compile llama-3.1-8b --target a100 --max-len 128k -o plans/llama
+    """
+    _STATE["debug"] = debug
+
+
+# -- compile ------------------------------------------------------------------------------------
+class _StageProgress:
+    """A rich progress bar on stderr for the driver's stages, shown once a compile passes 1 s."""
+
+    def __init__(self, enabled: bool, stages: tuple[str, ...]):
+        self.enabled, self.stages = enabled, stages
+        self.stage_s: dict[str, float] = {}
+        self._progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description:<12}"), BarColumn(),
+                                  TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        self._task = self._progress.add_task("starting", total=len(stages))
+        self._stage, self._stage_t0 = None, time.perf_counter()
+        self._lock, self._started, self._finished = threading.Lock(), False, False
+        self._timer = threading.Timer(PROGRESS_DELAY_S, self._start)
+
+    def _start(self) -> None:
+        with self._lock:
+            if not self._finished:
+                self._progress.start()
+                self._started = True
+
+    def __enter__(self) -> "_StageProgress":
+        if self.enabled and self._progress.console.is_terminal:
+            self._timer.start()
+        return self
+
+    def __call__(self, stage: str, elapsed_s: float) -> None:
+        """The driver's progress callback: called as each stage starts (elapsed_s since the start)."""
+        self._close_stage()
+        self._stage, self._stage_t0 = stage, time.perf_counter()
+        done = self.stages.index(stage) if stage in self.stages else len(self.stage_s)
+        self._progress.update(self._task, description=stage, completed=done)
+
+    def _close_stage(self) -> None:
+        if self._stage is not None and self._stage != "done":
+            self.stage_s[self._stage] = time.perf_counter() - self._stage_t0
+
+    def __exit__(self, *exc: Any) -> None:
+        self._close_stage()
+        self._timer.cancel()
+        with self._lock:
+            self._finished = True
+            if self._started:
+                self._progress.stop()
+
+
+def _parse_batch(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    if not re.fullmatch(r"\s*[1-9][0-9]*\s*", text):
+        raise SpecontextError(f"--batch {text!r} is not a request count; write a positive integer or 'auto'")
+    return int(text)
+
+
+def _default_out(model: str, target: str, target_file: str | None) -> Path:
+    name = Path(model.rstrip("/")).name or model
+    tgt = Path(target_file).stem if target_file else target
+    return Path("plans") / re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}-{tgt}")
+
+
+def _compile_summary(plan: Any, stage_s: dict[str, float]) -> Table:
+    from specontext_compiler.report import format_tokens, plan_summary_json
+    summary = plan_summary_json(plan)["summary"]
+    first, last = plan.segments[0], plan.segments[-1]
+    table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    tok_s = summary["tokens_per_s_at_max_len"]
+    rows = [("plan", str(plan.directory)),
+            ("model / target", f"{summary['model']} on {summary['target']}"),
+            ("workload", f"max len {format_tokens(int(summary['max_len']))} tokens, batch {summary['batch']}, "
+                         f"budget {plan.workload.get('budget')}"),
+            ("GPU layers", f"{len(first.gpu_layers)}/{summary['num_layers']} at start, "
+                           f"{len(last.gpu_layers)}/{summary['num_layers']} at max len "
+                           f"({len(plan.segments)} segments)"),
+            ("predicted", f"{tok_s:.1f} tok/s at max len (all {summary['batch']} requests)" if tok_s else "-"),
+            ("solver", f"{plan.solver.get('name')}: {plan.solver.get('status')}"),
+            ("compile time", f"{sum(stage_s.values()):.1f} s: " + ", ".join(
+                f"{name} {s:.1f} s" for name, s in stage_s.items() if s >= 0.05))]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@app.command("compile")
+@_edge
+def compile_cmd(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Preset name (e.g. llama-3.1-8b), HF model directory or GGUF file.")],
+    target: Annotated[str, typer.Option("--target", "-t", metavar="NAME", help="Built-in GPU target name or alias; see `specontext targets`.")] = "a100",
+    max_len: Annotated[str, typer.Option("--max-len", metavar="TOKENS", help="Longest sequence to plan for, in tokens; accepts 131072, 128k, 1M (k = 1024).")] = "128k",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Plan directory to write (replaced whole). Default: plans/<model>-<target>.")] = None,
+    batch: Annotated[str, typer.Option("--batch", metavar="N|auto", help="Concurrent requests: a positive integer, or 'auto' for the largest that fits.")] = "1",
+    budget: Annotated[int, typer.Option("--budget", min=1, metavar="TOKENS", help="Selected KV tokens per layer per step (the paper's B), in tokens.")] = 2048,
+    sinks: Annotated[int, typer.Option("--sinks", min=0, metavar="TOKENS", help="Leading sink tokens always attended, in tokens.")] = 1,
+    recent: Annotated[int, typer.Option("--recent", min=0, metavar="TOKENS", help="Most recent tokens always attended, in tokens.")] = 16,
+    dlm: Annotated[Optional[str], typer.Option("--dlm", metavar="DLM", help="Distilled model (preset or directory) whose head does retrieval.")] = None,
+    target_file: Annotated[Optional[Path], typer.Option("--target-file", metavar="FILE", help="A target TOML file instead of a built-in target.")] = None,
+    prompt_len: Annotated[Optional[str], typer.Option("--prompt-len", metavar="TOKENS", help="Expected prompt length, in tokens (131072, 128k); sets the initial residency.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan summary as JSON instead of tables.")] = False,
+) -> None:
+    """Compile MODEL into a plan directory for a target GPU and a longest sequence length.
+
+    Example: specontext compile llama-3.1-8b --target a100 --max-len 128k -o plans/llama-a100
+    """
+    from specontext_compiler import driver
+    max_len_tokens = parse_tokens(max_len, "--max-len")
+    prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len is not None else None
+    out_dir = out or _default_out(model, target, str(target_file) if target_file else None)
+    with _StageProgress(enabled=not as_json, stages=tuple(getattr(driver, "STAGES", ()))) as progress:
+        plan = driver.compile_model(model, target, max_len_tokens, batch=_parse_batch(batch), budget=budget,
+                             sink_tokens=sinks, recent_tokens=recent, out=out_dir, dlm=dlm,
+                             target_file=str(target_file) if target_file else None,
+                             prompt_len=prompt_tokens, progress=progress)
+    if as_json:
+        from specontext_compiler.report import plan_summary_json
+        typer.echo(json.dumps(plan_summary_json(plan), indent=2))
+        return
+    console = _out()
+    console.print(_compile_summary(plan, progress.stage_s))
+    console.print(f"[dim]full report: specontext inspect {plan.directory}[/dim]")
+
+
+# -- inspect, targets ---------------------------------------------------------------------------
+@app.command("inspect")
+@_edge
+def inspect_cmd(
+    plan_dir: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan directory written by `specontext compile`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan and a summary as JSON.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.png", help="Also write a PNG (memory vs sequence length, one-step timeline); needs matplotlib.")] = None,
+) -> None:
+    """Show a plan: per-layer residency, memory per segment, predicted overlap, solver and passes.
+
+    Example: specontext inspect plans/llama-a100 --plot llama-a100.png
+    """
+    from specontext_compiler import report
+    from specontext_compiler.runtime.plan import load_plan
+    plan = load_plan(plan_dir)
+    if plot is not None:
+        from specontext_compiler.plot import write_plot
+        written = write_plot(plan, plot)
+    if as_json:
+        typer.echo(json.dumps(report.plan_summary_json(plan), indent=2))
+    else:
+        console = _out()
+        for part in report.render_report(plan):
+            console.print(part)
+            console.print()
+    if plot is not None:
+        Console(stderr=True).print(f"wrote {written}")
+
+
+def _targets_json(targets: list[Any]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(t) for t in targets]
+
+
+def _targets_tables(targets: list[Any], with_sources: bool) -> list[Table]:
+    figures = Table(box=None, pad_edge=False, header_style="bold cyan", collapse_padding=True)
+    for header in ("name", "aliases", "GPU GiB", "HBM GB/s", "H2D GB/s", "gather GB/s", "bf16 TFLOPS", "host GiB"):
+        figures.add_column(header, justify="left" if header in ("name", "aliases") else "right")
+    sources = Table(box=None, pad_edge=False, header_style="bold cyan", collapse_padding=True)
+    sources.add_column("figure", no_wrap=True)
+    sources.add_column("source", overflow="fold")
+    for t in targets:
+        figures.add_row(t.name, ", ".join(t.aliases), f"{t.gpu_memory_bytes / 2**30:.0f}", f"{t.hbm_gbps:,.0f}",
+                        f"{t.h2d_gbps:.1f}", f"{t.pinned_gather_gbps:.1f}", f"{t.bf16_tflops:,.0f}",
+                        f"{t.host_memory_bytes / 2**30:.0f}")
+        for figure, source in (t.sources or {}).items():
+            sources.add_row(figure, str(source))
+    return [figures, sources] if with_sources else [figures]
+
+
+@app.command("targets")
+@_edge
+def targets_cmd(
+    name: Annotated[Optional[str], typer.Argument(metavar="[NAME]", help="Show one target with the source of each figure.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the targets as JSON (bytes, GB/s, TFLOPS).")] = False,
+) -> None:
+    """List the built-in GPU targets: memory (GiB), bandwidths (GB/s), bf16 TFLOPS; NAME adds sources.
+
+    Example: specontext targets h100
+    """
+    from specontext_compiler.cost_models.target import list_targets, load_target
+    targets = [load_target(name)] if name else [load_target(t) if isinstance(t, str) else t for t in list_targets()]
+    if as_json:
+        typer.echo(json.dumps(_targets_json(targets), indent=2))
+        return
+    console = _out()
+    for table in _targets_tables(targets, with_sources=name is not None):
+        console.print(table)
+        console.print()
+    if name is None:
+        console.print("[dim]sources of the figures: specontext targets NAME; "
+                      "another GPU: --target-file FILE.toml[/dim]")
+
+
+# -- run, eval ----------------------------------------------------------------------------------
+class _StreamPrinter:
+    """The engine's stream callback (request index, token id): prints request 0's new text.
+
+    It decodes the whole sequence so far and prints the new suffix, since one token can be part
+    of a multi-byte character that only decodes with its neighbours."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, index: int, token: int | str) -> None:
+        if index != 0:
+            return
+        if isinstance(token, str) or self.tokenizer is None:
+            sys.stdout.write(str(token) if isinstance(token, str) else f"{token} ")
+        else:
+            self.ids.append(int(token))
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            sys.stdout.write(text[len(self.printed):])
+            self.printed = text
+        sys.stdout.flush()
+
+
+def _output_text(output: Any) -> str:
+    if isinstance(output, str):
+        return output
+    text = getattr(output, "text", None)
+    return text if text is not None else " ".join(map(str, getattr(output, "token_ids", [])))
+
+
+@app.command("run")
+@_edge
+def run_cmd(
+    plan_dir: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan directory written by `specontext compile`.")],
+    model: Annotated[Path, typer.Option("--model", "-m", metavar="DIR", help="Local HF model directory or .gguf file: the weights the plan was compiled for.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help="Prompt text.")],
+    dlm: Annotated[Optional[Path], typer.Option("--dlm", metavar="DIR", help="Directory of the distilled model for the retrieval head, if the plan needs one.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, metavar="N", help="Tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, metavar="T", help="Sampling temperature; 0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, metavar="P", help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are generated.")] = True,
+) -> None:
+    """Generate text for one prompt with a compiled plan bound to local weights.
+
+    Example: specontext run plans/smollm2-a100 --model ~/models/SmolLM2-135M-Instruct --prompt "Hello"
+    """
+    from specontext_compiler.runtime.plan import load_plan
+    engine = load_plan(plan_dir).bind(str(model), dlm=str(dlm) if dlm else None)
+    printer = _StreamPrinter(getattr(engine, "tokenizer", None)) if stream else None
+    outputs = engine.generate([prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, stream=printer)
+    if not stream:
+        sys.stdout.write(_output_text(outputs[0]))
+    sys.stdout.write("\n")
+
+
+@app.command("eval")
+@_edge
+def eval_cmd(
+    plan_dir: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan directory written by `specontext compile` from a local model.")],
+    task: Annotated[list[str], typer.Option("--task", metavar="TASK", help="recall (attention mass kept vs full attention) or passkey; repeat for both.")],
+    length: Annotated[Optional[list[str]], typer.Option("--length", metavar="TOKENS", help="Passkey context length in tokens (4096, 4k); repeatable. Default: 2k, 4k, 8k.")] = None,
+    budget: Annotated[Optional[list[int]], typer.Option("--budget", metavar="TOKENS", help="Recall budget in selected tokens; repeatable. Default: 256 to 2048.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Measure a plan's token selection on the plan's own model, offline (CPU is fine).
+
+    Example: specontext eval plans/smollm2-a100 --task recall --task passkey --length 4k
+    """
+    from specontext_compiler.eval import runner
+    unknown = sorted(set(task) - {"recall", "passkey"})
+    if unknown:
+        raise SpecontextError(f"--task {', '.join(unknown)} is not a task; choose recall or passkey")
+    options: dict[str, Any] = {}
+    if length:
+        options["lengths"] = [parse_tokens(text, "--length") for text in length]
+    if budget:
+        options["budgets"] = budget
+    result = runner.run_eval_for_plan(plan_dir, task, **options)
+    if as_json:
+        typer.echo(runner.to_json(result))
+    else:
+        runner.render_table(result, _out())
+
+
+def main() -> None:
+    """Console-script entry point (`specontext`, `python -m specontext_compiler`)."""
+    app(prog_name="specontext")

@@ -1,0 +1,239 @@
+"""Extract the retrieval head from a distilled model (DLM) or from the LLM itself (paper s.4.1, s.4.3).
+
+Sources: a local HF directory (safetensors or .bin, read lazily: only the kept tensors load), a GGUF
+file (dequantized once through smollm2.load_causal_lm), an HF model in memory, or "self" / "self:N"
+(the LLM's own embedding + layer N's input norm and Q/K projections: an honest stand-in when no
+DLM is available).
+
+Head-level selection needs the head's query heads to stand for the LLM's: the head must have as many
+query heads as the LLM. Then its scores group by the LLM's KV heads (GQA/MQA) or stay per head
+(MHA, MLA: MLA does not reduce heads). A head with another head count is refused for head level
+with a message pointing at level="batch", which works for any geometry (one shared index set).
+
+EAGLE-3 drafts (the paper's DLMs) feed q_proj/k_proj [embedding; fc(3 target hidden states)]
+(2*hidden wide). Without the target's hidden states at selection time we keep only the columns that
+act on the normalized embedding: an approximation, flagged in the report.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specontext_compiler.errors import ModelError
+from specontext_compiler.runtime.retrieval_head import RetrievalHead
+
+EMBED = "model.embed_tokens.weight"
+LAYER = "model.layers.{layer}."
+EAGLE3_LAYER = "midlayer."
+
+
+# -- LLM geometry -------------------------------------------------------------------------------
+def llm_geometry(llm: Any) -> dict:
+    """num_heads, num_kv_heads, kind (mha/gqa/mqa/mla), max_positions of the LLM (spec, config, model, dir)."""
+    if hasattr(llm, "attention_kind"):                                 # ModelSpec
+        return {"num_heads": llm.num_heads, "num_kv_heads": llm.num_kv_heads,
+                "kind": llm.attention_kind, "max_positions": llm.max_positions}
+    config = _config_dict(llm)
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    kind = "mla" if config.get("kv_lora_rank") else "mha" if kv == heads else "mqa" if kv == 1 else "gqa"
+    return {"num_heads": heads, "num_kv_heads": kv, "kind": kind,
+            "max_positions": int(config.get("max_position_embeddings", 2048))}
+
+
+def _config_dict(obj: Any) -> dict:
+    if isinstance(obj, dict):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        path = Path(obj) / "config.json"
+        if not path.is_file():
+            raise ModelError(f"{obj} has no config.json; pass an HF model directory")
+        return json.loads(path.read_text())
+    config = getattr(obj, "config", obj)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise ModelError(f"cannot read a model configuration from {type(obj).__name__}; "
+                     "pass a ModelSpec, an HF config, an HF model or a directory")
+
+
+def selection_kv_heads(geometry: dict) -> int:
+    """`num_kv_heads` for selection.select_tokens: per KV head for GQA/MQA, per head for MHA/MLA."""
+    return geometry["num_heads"] if geometry["kind"] in ("mha", "mla") else geometry["num_kv_heads"]
+
+
+# -- tensor access ------------------------------------------------------------------------------
+class _Tensors:
+    """Names, shapes and lazy reads of a checkpoint's tensors (directory or in-memory model)."""
+
+    def __init__(self, source: Any):
+        self._state, self._files = None, {}
+        if isinstance(source, torch.nn.Module):
+            self._state = dict(source.state_dict())
+            seen = {p.data_ptr(): p.numel() for p in source.parameters()}
+            self.total_params = sum(seen.values())
+            return
+        directory = Path(source)
+        shards = sorted(directory.glob("*.safetensors"))
+        if shards:
+            from safetensors import safe_open
+            for shard in shards:
+                with safe_open(str(shard), framework="pt") as handle:
+                    for name in handle.keys():
+                        self._files[name] = (shard, handle.get_slice(name).get_shape())
+        else:
+            bins = sorted(directory.glob("*.bin"))
+            if not bins:
+                raise ModelError(f"{directory} holds no .safetensors or .bin weights; pass a checkpoint directory")
+            self._state = {}
+            for path in bins:
+                self._state.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+        self.total_params = (sum(t.numel() for t in self._state.values()) if self._state is not None
+                             else sum(_numel(shape) for _, shape in self._files.values()))
+
+    def names(self) -> set[str]:
+        return set(self._state) if self._state is not None else set(self._files)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name == EMBED and name not in self.names() and "lm_head.weight" in self.names():
+            name = "lm_head.weight"     # tied checkpoints may store the table only once, as the LM head
+        if self._state is not None:
+            return self._state[name].detach().clone()
+        from safetensors import safe_open
+        with safe_open(str(self._files[name][0]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count
+
+
+# -- extraction ---------------------------------------------------------------------------------
+def _rope_of(config: dict) -> dict:
+    """Normalized RoPE dict (rope_type, rope_theta, scaling fields) from transformers 4.x or 5.x configs."""
+    params = dict(config.get("rope_parameters") or {})
+    scaling = dict(config.get("rope_scaling") or {})
+    rope = {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))} | params | scaling
+    if "type" in rope and rope.get("rope_type", "default") == "default":
+        rope["rope_type"] = rope.pop("type")
+    return rope
+
+
+def _head_from(tensors: _Tensors, config: dict, prefix: str, *, eagle3: bool, embedding, embedding_name: str,
+               source: str, layer: int) -> RetrievalHead:
+    names = tensors.names()
+    q_name = prefix + "self_attn.q_proj.weight"
+    if q_name not in names:
+        raise ModelError(f"{source} has no {q_name}; it is not a Llama-style decoder (q_proj/k_proj) "
+                         f"or layer {layer} does not exist")
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    q_w, k_w = tensors.get(q_name), tensors.get(prefix + "self_attn.k_proj.weight")
+    if eagle3:          # columns [0, hidden) act on the normed embedding; the rest on fc(hidden states)
+        q_w, k_w = q_w[:, :hidden].contiguous(), k_w[:, :hidden].contiguous()
+    bias = {n: tensors.get(prefix + f"self_attn.{n[0]}_proj.bias") for n in ("q_bias", "k_bias")
+            if prefix + f"self_attn.{n[0]}_proj.bias" in names}
+    return RetrievalHead(
+        embedding=embedding, norm_weight=tensors.get(prefix + "input_layernorm.weight"),
+        q_weight=q_w, k_weight=k_w, **bias, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope=_rope_of(config),
+        max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+        embedding_shared=embedding is None,
+        embedding_name=embedding_name, vocab_size=int(config["vocab_size"]), source=source, layer=layer)
+
+
+def _open(obj: Any) -> tuple[_Tensors, dict, str]:
+    """(tensors, config dict, kind) for a directory, a GGUF file or an in-memory HF model."""
+    if isinstance(obj, torch.nn.Module):
+        return _Tensors(obj), _config_dict(obj), "hf-model"
+    path = Path(obj)
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").is_file()):
+        from specontext_compiler.smollm2 import load_causal_lm
+        _, _, directory = load_causal_lm(path)
+        return _Tensors(directory), _config_dict(directory), "gguf"
+    if not path.is_dir():
+        raise ModelError(f"DLM {obj!r} is not a directory, a .gguf file, an HF model or 'self[:N]'")
+    return _Tensors(path), _config_dict(path), "hf-directory"
+
+
+def extract_retrieval_head(dlm: Any, llm_spec_or_config: Any, layer: int | None = None, *,
+                           llm: Any = None, level: str = "head",
+                           extend_to: int | None = None) -> tuple[RetrievalHead, dict]:
+    """(RetrievalHead, report) from a DLM, or from the LLM itself with dlm="self" / "self:N".
+
+    llm_spec_or_config: the LLM's ModelSpec / HF config / HF model / directory (its geometry).
+    llm: the LLM's weights (HF model or directory) for "self" heads and for a shared embedding;
+         defaults to llm_spec_or_config when that is a model or a directory.
+    extend_to: positions the head must cover; a DLM trained shorter gets YaRN (paper s.4.1).
+    """
+    geometry = llm_geometry(llm_spec_or_config)
+    weights_src = llm if llm is not None else (
+        llm_spec_or_config if isinstance(llm_spec_or_config, (torch.nn.Module, str, os.PathLike)) else None)
+    notes: list[str] = []
+    if isinstance(dlm, str) and (dlm == "self" or dlm.startswith("self:")):
+        if weights_src is None:
+            raise ModelError("a 'self' retrieval head needs the LLM's weights; pass llm= (an HF model or directory)")
+        if geometry["kind"] == "mla":
+            raise ModelError("a 'self' head cannot be derived from an MLA model (no plain q/k projections); "
+                             "pass a distilled model as the DLM")
+        layer = int(dlm.split(":")[1]) if ":" in dlm else (layer or 0)
+        tensors, config, _ = _open(weights_src)
+        head = _head_from(tensors, config, LAYER.format(layer=layer), eagle3=False, embedding=None,
+                          embedding_name=EMBED, source=f"self:{layer}", layer=layer)
+        kind = "self"
+        notes.append(f"self-derived: the LLM's embedding + layer {layer}'s input norm and Q/K projections")
+    else:
+        tensors, config, kind = _open(dlm)
+        eagle3 = EAGLE3_LAYER + "self_attn.q_proj.weight" in tensors.names()
+        prefix = EAGLE3_LAYER if eagle3 else LAYER.format(layer=layer or 0)
+        embed_name = next((n for n in (EMBED, "embed_tokens.weight") if n in tensors.names()), None)
+        embedding = tensors.get(embed_name) if embed_name else None
+        head = _head_from(tensors, config, prefix, eagle3=eagle3, embedding=embedding,
+                          embedding_name=embed_name or EMBED, source=str(dlm if kind != "hf-model" else "hf-model"),
+                          layer=0 if eagle3 else (layer or 0))
+        if eagle3:
+            kind = "eagle3-embedding-half"
+            notes.append("EAGLE-3 draft: kept q/k columns acting on the embedding only; the fc(target hidden "
+                         "states) half is dropped (approximation: the paper's head also sees hidden states)")
+        if embedding is None:
+            notes.append("DLM has no embedding table: shares the LLM's")
+    if head.embedding is None and weights_src is not None:
+        llm_tensors = _open(weights_src)[0]
+        head.attach_embedding(llm_tensors.get(EMBED))
+    _check_geometry(head, geometry, level)
+    head.selection_kv_heads = selection_kv_heads(geometry)
+    if extend_to and extend_to > head.max_position_embeddings and head.rope.get("rope_type") == "default":
+        factor = extend_to / head.max_position_embeddings
+        head.set_rope(head.rope | {"rope_type": "yarn", "factor": factor,
+                                   "original_max_position_embeddings": head.max_position_embeddings})
+        notes.append(f"RoPE extended with YaRN x{factor:g} to {extend_to} positions")
+    return head, _report(head, tensors.total_params, kind, level, geometry, notes)
+
+
+def _check_geometry(head: RetrievalHead, geometry: dict, level: str) -> None:
+    if level not in ("head", "batch"):
+        raise ModelError(f"selection level {level!r} is not 'head' or 'batch'")
+    if level == "head" and head.num_heads != geometry["num_heads"]:
+        raise ModelError(f"the DLM has {head.num_heads} query heads, the LLM {geometry['num_heads']}: "
+                         "head-level selection cannot map them; use level='batch' or a matching DLM")
+
+
+def _report(head: RetrievalHead, dlm_params: int, kind: str, level: str, geometry: dict,
+            notes: list[str]) -> dict:
+    kept, kept_with_embed = head.param_count(include_embedding=False), head.param_count(include_embedding=True)
+    return {
+        "source": head.source, "kind": kind, "layer": head.layer, "level": level,
+        "llm_attention": geometry["kind"], "selection_groups": head.selection_kv_heads if level == "head" else 1,
+        "dlm_params": dlm_params, "head_params": kept, "head_params_with_embedding": kept_with_embed,
+        "embedding_shared": head.embedding_shared,
+        "reduction": 1 - kept / dlm_params, "reduction_with_embedding": 1 - kept_with_embed / dlm_params,
+        "rope": head.rope, "notes": notes,
+    }

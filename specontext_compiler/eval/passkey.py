@@ -1,0 +1,101 @@
+"""Passkey retrieval: a 5-digit key hidden at a depth of long filler, answered greedily.
+
+Per case one dense prefill of the context is shared by all methods (the KV cache is cropped back
+to the context after each). The question and the answer are decode steps: each step the method
+picks the tokens to attend (SpeContext: once for all layers from the retrieval head, which keeps
+its own K cache; Quest: per layer from the LLM's own query) and attention reads only those plus the
+new token. Exact match of the first 5-digit number in the answer.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from specontext_compiler.eval import sparse_attention
+from specontext_compiler.eval.methods import PER_LAYER, Budget, method_mask
+from specontext_compiler.eval.text import parse_answer, passkey, passkey_prompt
+
+
+class _StepSelector:
+    """The selector of one decode step: a per-step mask shared by layers (or per layer for Quest)."""
+
+    def __init__(self, method: str, limit: Budget, head_q, head_k, head, generator):
+        self.method, self.limit, self.head, self.generator = method, limit, head, generator
+        self.head_q, self.head_k = head_q, head_k
+        self._shared: dict[str, torch.Tensor | None] = {}
+
+    def __call__(self, layer: int, query: torch.Tensor, keys: torch.Tensor):
+        if self.method not in PER_LAYER and "mask" in self._shared:
+            return self._shared["mask"]
+        mask = method_mask(self.method, self.limit, query=query, keys=keys, head_q=self.head_q,
+                           head_k=self.head_k, head=self.head, generator=self.generator)
+        self._shared["mask"] = mask
+        return mask
+
+
+@torch.no_grad()
+def sparse_generate(model, head, cache, context_len: int, feed: list[int], *, method: str, limit: Budget,
+                    head_k: torch.Tensor, max_new_tokens: int, generator: torch.Generator,
+                    eos_token_id: int | None = None,
+                    stop: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """Feed `feed` then greedily generate, every step sparse; returns the generated ids.
+
+    cache: an HF cache holding exactly the dense-prefilled context (context_len tokens).
+    head_k: [1, Hkv, context_len, D], the retrieval head's K cache for the context (not modified).
+    """
+    pending, generated, position = list(feed), [], context_len
+    head_cache = head_k
+    while True:
+        token = pending.pop(0) if pending else generated[-1]
+        ids, pos = torch.tensor([[token]]), torch.tensor([[position]])
+        q_new, k_new = head.project(ids, pos)
+        selector = _StepSelector(method, limit, q_new[:, :, 0], head_cache, head, generator)
+        with sparse_attention.active(selector=selector):
+            logits = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+        head_cache = torch.cat([head_cache, k_new], dim=2)
+        position += 1
+        if not pending:
+            generated.append(int(logits[0, -1].argmax()))
+            done = stop is not None and stop(generated)
+            if len(generated) >= max_new_tokens or generated[-1] == eos_token_id or done:
+                return generated
+
+
+@torch.no_grad()
+def passkey_cases(model, tokenizer, head, *, lengths, depths, budgets, methods, sink: int = 1,
+                  recent: int = 0, page_size: int = 16, max_new_tokens: int = 8, seed: int = 0,
+                  progress: Callable[[], None] | None = None) -> list[dict]:
+    """One record per (length, depth, method, budget): key, answer text, parsed answer, correct."""
+    from transformers import DynamicCache
+    sparse_attention.install(model)
+    records = []
+    for li, length in enumerate(lengths):
+        for di, depth in enumerate(depths):
+            case = li * len(depths) + di
+            key = passkey(seed * 1000 + case)
+            context, question = passkey_prompt(tokenizer, length - max_new_tokens, depth, key)
+            ids = torch.tensor([context])
+            cache = DynamicCache(config=model.config)
+            with sparse_attention.active():
+                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            _, head_k = head.project(ids, torch.arange(len(context))[None])
+            for method in methods:
+                for budget in (budgets if method != "full" else budgets[:1]):
+                    extra = cache.get_seq_length() - len(context)
+                    if extra:
+                        cache.crop(-extra)   # negative = drop that many: the form every version takes
+                    out = sparse_generate(model, head, cache, len(context), question, method=method,
+                                          limit=Budget(budget, sink, recent, page_size), head_k=head_k,
+                                          max_new_tokens=max_new_tokens,
+                                          generator=torch.Generator().manual_seed(seed + case),
+                                          eos_token_id=tokenizer.eos_token_id,
+                                          stop=lambda g: parse_answer(tokenizer.decode(g)) is not None)
+                    text = tokenizer.decode(out, skip_special_tokens=True)
+                    answer = parse_answer(text)
+                    records.append({"length": length, "depth": depth, "method": method,
+                                    "budget": None if method == "full" else budget, "key": key,
+                                    "text": text, "answer": answer, "correct": answer == key})
+            if progress:
+                progress()
+    return records

@@ -1,0 +1,153 @@
+"""Model import: presets, local Hugging Face directories and GGUF files -> config and ModelSpec.
+
+A preset is a published model's config.json carried in the package (presets/*.json), so the
+compiler can plan for a model without downloading it; weights are only needed by the runtime.
+Everything that reads Hugging Face configs lives here and in capture.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from specontext_compiler.cost_models.model_spec import ModelSpec
+from specontext_compiler.errors import ModelError, SpecontextError
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from and its Hugging Face config."""
+
+    name: str                     # preset name, directory name or GGUF file stem
+    config: Any                   # transformers.PretrainedConfig
+    path: Path | None = None      # directory or .gguf file; None for a preset
+    preset: str | None = None     # preset name when resolved from one
+    gguf_file: str | None = None  # file name inside `path`'s directory for GGUF sources
+
+
+def list_presets() -> list[str]:
+    """Names of the presets carried in the package."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def resolve_model(name_or_path: str | Path) -> ModelSource:
+    """A preset name, a local directory holding config.json (weights optional), or a .gguf file."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if text in list_presets():
+        return ModelSource(text, load_preset_config(text), preset=text)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"directory {path} has no config.json; point at a Hugging Face model directory")
+        return ModelSource(path.name, _load_config(path), path=path)
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(path.stem, _load_config(path.parent, gguf_file=path.name), path=path,
+                           gguf_file=path.name)
+    raise ModelError(f"unknown model {text!r}: give a local model directory, a .gguf file or one of the "
+                     f"presets {', '.join(list_presets())}")
+
+
+def load_preset_config(name: str):
+    """The transformers config of a preset."""
+    from transformers import AutoConfig
+    data = json.loads((PRESET_DIR / f"{name}.json").read_text())
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    _check_supported(config, name)
+    return config
+
+
+def _load_config(directory: Path, gguf_file: str | None = None):
+    from transformers import AutoConfig
+    where = directory / gguf_file if gguf_file else directory / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file) if gguf_file \
+            else AutoConfig.from_pretrained(str(directory))
+    except (ValueError, KeyError, OSError, ImportError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot read the model config {where}: {first_line}; "
+                         "give a Hugging Face config.json or a GGUF file transformers can read") from None
+    _check_supported(config, str(where))
+    return config
+
+
+def _check_supported(config, where: str) -> None:
+    """Refuse anything that is not a decoder-only causal LM routed through the attention interface."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    model_type = getattr(config, "model_type", None)
+    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "")
+    if getattr(config, "is_encoder_decoder", False) or not class_name.endswith("ForCausalLM"):
+        raise ModelError(f"{where}: model type {model_type!r} is not a decoder-only causal LM that "
+                         "specontext supports; use a Llama/Qwen/Mistral/DeepSeek-style model")
+
+
+def build_meta_model(config, dtype=None):
+    """The model on the meta device (no memory, no weights), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.bfloat16)
+    return model.eval()
+
+
+def attention_kind(config) -> str:
+    """mha / gqa / mqa / mla from the config's head counts (MLA: a compressed KV latent)."""
+    if getattr(config, "kv_lora_rank", None):
+        return "mla"
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if kv_heads == heads:
+        return "mha"
+    return "mqa" if kv_heads == 1 else "gqa"
+
+
+def spec_from_config(config, name: str) -> ModelSpec:
+    """The ModelSpec the planner uses; param_count is counted on the meta model."""
+    kind = attention_kind(config)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if kind == "mla":
+        # The MLA cache holds the latent c (kv_lora_rank) plus one shared RoPE key per token.
+        head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        kv_elems = config.kv_lora_rank + config.qk_rope_head_dim
+        kv_heads = heads
+    else:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_elems = 2 * kv_heads * head_dim
+    params = sum(p.numel() for p in build_meta_model(config).parameters())
+    return ModelSpec(
+        name=name, architecture=(config.architectures or [type(config).__name__])[0],
+        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, attention_kind=kind,
+        kv_elems_per_token=kv_elems, max_positions=config.max_position_embeddings,
+        param_count=int(params), rope_theta=float(_rope_theta(config)),
+        kv_lora_rank=int(getattr(config, "kv_lora_rank", 0) or 0) if kind == "mla" else 0,
+        qk_rope_head_dim=int(getattr(config, "qk_rope_head_dim", 0) or 0) if kind == "mla" else 0)
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        return rope["rope_theta"]
+    return getattr(config, "rope_theta", None) or 10000.0
+
+
+def config_sha256(config) -> str:
+    """Stable hash of the config's fields (not of transformers' bookkeeping), for plan binding."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "_attn_implementation",
+                     "_attn_implementation_autoset", "use_cache"):
+        data.pop(volatile, None)
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_max_len(spec: ModelSpec, max_len: int) -> None:
+    """Refuse a --max-len beyond what the model's positions support."""
+    if max_len > spec.max_positions:
+        raise SpecontextError(f"--max-len {max_len} exceeds {spec.name}'s max_position_embeddings "
+                              f"{spec.max_positions}; pass --max-len {spec.max_positions} or less")

@@ -1,0 +1,63 @@
+"""The pass pipeline: the captured graph -> the SpeContext decode graph, in one literal list.
+
+Each pass is a torch.fx PassBase (requires -> call -> ensures). The runner below stays outside
+the passes (as TVM's instruments do): it lints the graph after each pass, times it, collects its
+counters, and prefixes a PassError with the passes that ran before it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+from torch.fx import GraphModule
+
+from specontext_compiler.passes.clean_capture import CleanCapture
+from specontext_compiler.passes.common import PassError, count_ops
+from specontext_compiler.passes.find_attention import FindAttention
+from specontext_compiler.passes.insert_prefetch import InsertPrefetch
+from specontext_compiler.passes.insert_retrieval_head import InsertRetrievalHead
+from specontext_compiler.passes.rewrite_sparse_attention import RewriteSparseAttention
+
+Progress = Callable[[str, float], None]
+
+
+def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *, budget: int | None = None,
+                 sink_tokens: int | None = None, recent_tokens: int | None = None) -> list:
+    """The pipeline, in order."""
+    return [
+        CleanCapture(),
+        FindAttention(),
+        InsertRetrievalHead(),
+        RewriteSparseAttention(budget, sink_tokens, recent_tokens),
+        InsertPrefetch(offloaded_layers, schedule),
+    ]
+
+
+def run_pipeline(gm: GraphModule, offloaded_layers: Iterable[int] = (), schedule: dict[int, int] | None = None,
+                 progress: Progress | None = None, **selection) -> tuple[GraphModule, list[dict]]:
+    """Run every pass on gm; returns the graph and [{pass, seconds, counters, nodes}] per pass.
+
+    offloaded_layers: layers whose KV lives in host memory; schedule: {layer: issue_before_layer};
+    selection: optional budget / sink_tokens / recent_tokens recorded for the report.
+    """
+    records, done = [], []
+    for graph_pass in build_passes(offloaded_layers, schedule or {}, **selection):
+        name = type(graph_pass).__name__
+        start = time.perf_counter()
+        try:
+            result = graph_pass(gm)
+        except PassError as exc:
+            after = f" (after {', '.join(done)})" if done else ""
+            raise PassError(f"{exc}{after}") from None
+        gm = result.graph_module if result is not None else gm
+        gm.graph.lint()
+        seconds = time.perf_counter() - start
+        records.append({"pass": name, "seconds": round(seconds, 4), "counters": dict(graph_pass.counters),
+                        "nodes": len(gm.graph.nodes)})
+        done.append(name)
+        if progress is not None:
+            progress(name, seconds)
+    records.append({"pass": "summary", "seconds": round(sum(r["seconds"] for r in records), 4),
+                    "counters": {k: v for k, v in count_ops(gm).items() if k.startswith("specontext.")},
+                    "nodes": len(gm.graph.nodes)})
+    return gm, records

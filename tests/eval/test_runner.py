@@ -1,0 +1,66 @@
+"""run_eval_for_plan reads the plan; tables render; the real model (slow) gives sane numbers."""
+import json
+
+import pytest
+
+from specontext_compiler.errors import SpecontextError
+from specontext_compiler.eval import runner
+
+
+def _plan(tmp_path, source):
+    data = {"schema_version": [1, 0], "producer": {}, "model": {"source": source} if source else {},
+            "target": {}, "workload": {"budget": 1024, "sink_tokens": 4, "recent_tokens": 32},
+            "retrieval_head": {"source": "self", "layer": 2}, "segments": [], "schedule": [],
+            "prediction": {}, "solver": {}, "graph": {}}
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def test_plan_budget_and_head_reach_run_eval(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(runner, "run_eval", lambda source, **kw: seen.update(kw, source=source))
+    runner.run_eval_for_plan(_plan(tmp_path, "/models/x.gguf"), tasks=("passkey",))
+    assert seen == {"source": "/models/x.gguf", "tasks": ("passkey",), "sink": 4, "recent": 32,
+                    "passkey_budgets": (1024,), "head_layer": 2}
+
+
+def test_plan_without_source_is_refused(tmp_path):
+    with pytest.raises(SpecontextError, match="model.source"):
+        runner.run_eval_for_plan(_plan(tmp_path, None))
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(SpecontextError, match="unknown"):
+        runner.run_eval("smollm2", methods=("h2o",))
+
+
+def test_tables_and_json_round_trip(tmp_path):
+    from rich.console import Console
+    from specontext_compiler.eval.tables import markdown
+    result = runner.EvalResult(meta={"x": 1}, recall={"full": {256: [1.0, 1.0]}, "spec-head": {256: [0.5, 0.7]}},
+                               head_layers={"self:0": {256: 0.6}},
+                               passkey=[{"length": 2048, "depth": 0.5, "method": "full", "budget": None,
+                                         "correct": True}])
+    console = Console(record=True, width=120)
+    runner.render_table(result, console)
+    assert "0.600 / 0.500" in console.export_text() and "100% (1/1)" in markdown(result)
+    path = tmp_path / "r.json"
+    path.write_text(runner.to_json(result))
+    assert runner.load_json(path).recall_mean("spec-head", 256) == pytest.approx(0.6)
+
+
+@pytest.mark.slow
+def test_smollm2_recall_and_short_passkey():
+    pytest.importorskip("gguf")
+    try:
+        from specontext_compiler.smollm2 import find_gguf
+        find_gguf()
+    except SpecontextError as exc:
+        pytest.skip(str(exc))
+    result = runner.run_eval("smollm2", budgets=(256,), passkey_budgets=(2048,), lengths=(1024,), depths=(0.5,),
+                             recall_length=1024, recall_queries=2, compare_head_layers=(),
+                             methods=("full", "spec-head", "streaming"), show_progress=False)
+    assert result.recall_mean("full", 256) == 1.0
+    assert 0.3 < result.recall_mean("spec-head", 256) < 1.0
+    # A budget above the context: every method is dense, so all must find the key full attention finds.
+    assert result.passkey_accuracy("full", 1024, None) == result.passkey_accuracy("spec-head", 1024, 2048)
