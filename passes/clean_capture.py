@@ -5,7 +5,9 @@ The graph was exported on the meta device, so export recorded `device=meta` in i
 At run time every weight and input sits on one device, so:
   - `_assert_tensor_metadata` nodes are removed (they would fail on any real device);
   - `to.device(x, meta, dtype)` becomes `to.dtype(x, dtype)` and `to.dtype_layout` loses its device;
-  - factory ops take the device of `input_ids`.
+  - factory ops take the device of `input_ids`;
+  - casts to the capture dtype (e.g. RMSNorm's `.to(input_dtype)`) take the dtype of the bound
+    embedding weight instead, so one plan runs in bf16 on the GPU and in fp32 on the CPU.
 
 Requires: the graph has an `input_ids` placeholder.
 Ensures:  no node argument names the meta device; no `_assert_tensor_metadata` remains.
@@ -45,6 +47,7 @@ class CleanCapture(PassBase):
         graph = gm.graph
         input_ids = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "input_ids")
         device_node = None
+        self._follow_weight_dtype(graph)
         for node in list(graph.nodes):
             if node.op != "call_function":
                 continue
@@ -72,6 +75,24 @@ class CleanCapture(PassBase):
         node.args = (x, dtype, non_blocking, copy)
         node.kwargs = {}
         self.counters["devices_retargeted"] += 1
+
+    def _follow_weight_dtype(self, graph) -> None:
+        weights = [n for n in graph.nodes if n.op == "placeholder" and "embed" in n.name]
+        val = weights[0].meta.get("val") if weights else None
+        if val is None:
+            return
+        model_dtype = val.dtype
+        with graph.inserting_after(weights[0]):
+            dtype_node = graph.call_function(getattr, (weights[0], "dtype"))
+        swap = lambda value: dtype_node if value is model_dtype else value  # noqa: E731
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node is dtype_node:
+                continue
+            args = tuple(swap(a) for a in node.args)
+            kwargs = {k: swap(v) for k, v in node.kwargs.items()}
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                self.counters["dtypes_follow_weights"] += 1
 
     @staticmethod
     def _device_of(graph, input_ids: Node) -> Node:

@@ -110,6 +110,7 @@ class Engine:
                 break
             self.memory.before_step(int(ctx.cache_len.max()))
             logits = self.step.run(next_ids, ctx.cache_len.view(-1, 1).clone())
+            self.last_logits, self.last_tokens = logits, [int(t) for t in next_ids[:, 0]]
             next_ids = sample(logits[:, -1], temperature, top_p, generator).view(-1, 1).to(self.device)
 
     def _prefill(self, slot: int, prompt_ids: list[int]) -> torch.Tensor:
@@ -184,7 +185,7 @@ def _build_context(plan, head, batch, device, dtype) -> StepContext:
             spec, slots, int(work["max_len"]), int(work["budget"]), int(work.get("sink_tokens", 1)),
             int(work.get("recent_tokens", 0)), head=head, offloaded_layers=first.offloaded_layers,
             capacity=min(first.to_len, int(work["max_len"])),
-            device=device, dtype=dtype, level=work.get("level", "head"), kernels=kernels_for(device))
+            device=device, dtype=dtype, level=work.get("level", "head"), kernels=kernels_for(device, plan))
     except torch.cuda.OutOfMemoryError:
         raise RuntimeResourceError(f"out of GPU memory allocating the KV store for batch {slots}, "
                                    f"max-len {work['max_len']}; bind with a smaller batch= or compile "

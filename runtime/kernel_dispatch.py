@@ -4,9 +4,13 @@ from __future__ import annotations
 import torch
 
 
-def kernels_for(device: torch.device):
-    """A Kernels object on CUDA, None on CPU (the step context then uses the references)."""
+def kernels_for(device: torch.device, plan=None):
+    """TritonKernels on CUDA (the plan's specialized files if it has them), None on CPU."""
     if device.type != "cuda":
         return None
     from specontext_compiler.runtime.triton_kernels import TritonKernels
-    return TritonKernels()
+    modules = None
+    if plan is not None and plan.kernels and plan.directory is not None:
+        from specontext_compiler.runtime.kernel_loader import load_plan_kernels
+        modules = load_plan_kernels(plan.directory, plan.kernels)
+    return TritonKernels(modules)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from specontext_compiler.runtime.kernels import elastic_load
+
 
 class Prefetcher:
     """Per-layer elastic-loading state of one KV store."""
@@ -62,15 +64,14 @@ class Prefetcher:
 
     def buffer_rows(self, layer: int, rows: slice) -> torch.Tensor:
         """Row indices into the layer's budget buffer for sparse_decode ([B, G, W], -1 empty)."""
-        from specontext_compiler.runtime.kernels import elastic_load
         return elastic_load.buffer_indices(self.store.layers[layer].slot_pos[rows])
 
     def _load(self, kv, indices: torch.Tensor, rows: slice) -> None:
-        from specontext_compiler.runtime.kernels import elastic_load
         slot_pos = kv.slot_pos[rows]
-        on_cuda = self.kernels is not None
-        diff = elastic_load.elastic_diff if on_cuda else elastic_load.elastic_diff_reference
-        gather = elastic_load.gather_rows if on_cuda else elastic_load.gather_rows_reference
+        if self.kernels is not None:
+            diff, gather = self.kernels.elastic_diff, self.kernels.gather_rows
+        else:   # CPU: the torch implementation of the diff, the reference gather
+            diff, gather = elastic_load.elastic_diff, elastic_load.gather_rows_reference
         load_pos, load_slot, new_slot_pos = diff(slot_pos, indices.to(torch.int32))
         gather(kv.k[rows], kv.v[rows], kv.buf_k[rows], kv.buf_v[rows], load_pos, load_slot)
         slot_pos.copy_(new_slot_pos)

@@ -153,10 +153,19 @@ class RetrievalHead:
         if self.embedding is None:
             raise ModelError("the retrieval head shares the LLM's embedding and none is attached; "
                              "pass embedding= to RetrievalHead.load or call attach_embedding")
-        x = self.embedding[input_ids.to(self.embedding.device)].to(self.q_weight.dtype)
+        return self.project_hidden(self.embedding[input_ids.to(self.embedding.device)], position_ids)
+
+    @torch.no_grad()
+    def project_hidden(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, Hq, T, D], k [B, Hkv, T, D] after RoPE, from hidden states [B, T, H] instead of tokens.
+
+        `project` feeds the embedding; a head that sits behind some decoder layers (a DLM's own
+        layers, or a truncated copy of the LLM) feeds the hidden state those layers produce.
+        """
+        x = hidden.to(self.q_weight.dtype)
         var = x.float().pow(2).mean(-1, keepdim=True)
         x = (x.float() * torch.rsqrt(var + self.norm_eps)).to(x.dtype) * self.norm_weight
-        batch, tokens = input_ids.shape
+        batch, tokens = x.shape[:2]
         q = torch.nn.functional.linear(x, self.q_weight, self.q_bias)
         k = torch.nn.functional.linear(x, self.k_weight, self.k_bias)
         q = q.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)

@@ -16,6 +16,8 @@ from specontext_compiler.eval import sparse_attention
 from specontext_compiler.eval.methods import PER_LAYER, Budget, method_mask
 from specontext_compiler.eval.text import parse_answer, passkey, passkey_prompt
 
+SPEC_METHODS = ("spec-head", "spec-batch")     # the methods that read the retrieval head
+
 
 class _StepSelector:
     """The selector of one decode step: a per-step mask shared by layers (or per layer for Quest)."""
@@ -42,18 +44,21 @@ def sparse_generate(model, head, cache, context_len: int, feed: list[int], *, me
     """Feed `feed` then greedily generate, every step sparse; returns the generated ids.
 
     cache: an HF cache holding exactly the dense-prefilled context (context_len tokens).
-    head_k: [1, Hkv, context_len, D], the retrieval head's K cache for the context (not modified).
+    head_k: [1, Hkv, context_len, D], the retrieval head's K cache for the context (not modified;
+    read by the spec-* methods only, which also project each new token through `head`).
     """
     pending, generated, position = list(feed), [], context_len
-    head_cache = head_k
+    head_cache, uses_head = head_k, method in SPEC_METHODS
     while True:
         token = pending.pop(0) if pending else generated[-1]
         ids, pos = torch.tensor([[token]]), torch.tensor([[position]])
-        q_new, k_new = head.project(ids, pos)
-        selector = _StepSelector(method, limit, q_new[:, :, 0], head_cache, head, generator)
+        q_new, k_new = head.project(ids, pos) if uses_head else (None, None)
+        selector = _StepSelector(method, limit, q_new[:, :, 0] if uses_head else None, head_cache, head,
+                                 generator)
         with sparse_attention.active(selector=selector):
             logits = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
-        head_cache = torch.cat([head_cache, k_new], dim=2)
+        if uses_head:
+            head_cache = torch.cat([head_cache, k_new], dim=2)
         position += 1
         if not pending:
             generated.append(int(logits[0, -1].argmax()))
@@ -65,10 +70,16 @@ def sparse_generate(model, head, cache, context_len: int, feed: list[int], *, me
 @torch.no_grad()
 def passkey_cases(model, tokenizer, head, *, lengths, depths, budgets, methods, sink: int = 1,
                   recent: int = 0, page_size: int = 16, max_new_tokens: int = 8, seed: int = 0,
+                  extra_heads: dict | None = None,
                   progress: Callable[[], None] | None = None) -> list[dict]:
-    """One record per (length, depth, method, budget): key, answer text, parsed answer, correct."""
+    """One record per (length, depth, method, budget[, head]): key, answer text, parsed answer, correct.
+
+    extra_heads: name -> head; the spec-* methods run once more with each (record["head"] names the
+    head for spec-* records: "main" for `head`, else the name; None for the other methods).
+    """
     from transformers import DynamicCache
     sparse_attention.install(model)
+    heads = {"main": head} | dict(extra_heads or {})
     records = []
     for li, length in enumerate(lengths):
         for di, depth in enumerate(depths):
@@ -79,21 +90,24 @@ def passkey_cases(model, tokenizer, head, *, lengths, depths, budgets, methods, 
             cache = DynamicCache(config=model.config)
             with sparse_attention.active():
                 model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            _, head_k = head.project(ids, torch.arange(len(context))[None])
-            for method in methods:
+            positions = torch.arange(len(context))[None]
+            head_ks = {name: h.project(ids, positions)[1] for name, h in heads.items()
+                       if set(methods) & set(SPEC_METHODS)}
+            runs = [(m, name) for m in methods for name in (heads if m in SPEC_METHODS else [None])]
+            for method, name in runs:
                 for budget in (budgets if method != "full" else budgets[:1]):
                     extra = cache.get_seq_length() - len(context)
                     if extra:
                         cache.crop(-extra)   # negative = drop that many: the form every version takes
-                    out = sparse_generate(model, head, cache, len(context), question, method=method,
-                                          limit=Budget(budget, sink, recent, page_size), head_k=head_k,
-                                          max_new_tokens=max_new_tokens,
+                    out = sparse_generate(model, heads[name or "main"], cache, len(context), question,
+                                          method=method, limit=Budget(budget, sink, recent, page_size),
+                                          head_k=head_ks.get(name or "main"), max_new_tokens=max_new_tokens,
                                           generator=torch.Generator().manual_seed(seed + case),
                                           eos_token_id=tokenizer.eos_token_id,
                                           stop=lambda g: parse_answer(tokenizer.decode(g)) is not None)
                     text = tokenizer.decode(out, skip_special_tokens=True)
                     answer = parse_answer(text)
-                    records.append({"length": length, "depth": depth, "method": method,
+                    records.append({"length": length, "depth": depth, "method": method, "head": name,
                                     "budget": None if method == "full" else budget, "key": key,
                                     "text": text, "answer": answer, "correct": answer == key})
             if progress:

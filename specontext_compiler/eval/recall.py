@@ -40,11 +40,15 @@ def capture_qk(model, ids: torch.Tensor, positions: list[int]) -> dict[int, tupl
 @torch.no_grad()
 def attention_recall(model, head, ids: list[int], *, budgets, methods, sink: int = 1, recent: int = 0,
                      queries: int = 16, page_size: int = 16, seed: int = 0,
-                     progress: Callable[[], None] | None = None) -> dict[str, dict[int, list[float]]]:
-    """method -> budget -> recall per layer (mean over heads and query positions), for ids of long text."""
+                     progress: Callable[[], None] | None = None,
+                     captured: dict | None = None) -> dict[str, dict[int, list[float]]]:
+    """method -> budget -> recall per layer (mean over heads and query positions), for ids of long text.
+
+    captured: capture_qk's result for these ids and query positions, to share one prefill between heads.
+    """
     tokens = torch.tensor([ids])
     positions = query_positions(len(ids), queries)
-    captured = capture_qk(model, tokens, positions)
+    captured = captured if captured is not None else capture_qk(model, tokens, positions)
     head_q, head_k = head.project(tokens, torch.arange(len(ids))[None])
     num_layers = len(captured)
     sums = {m: {b: [0.0] * num_layers for b in budgets} for m in methods}

@@ -1,8 +1,9 @@
 """`specontext eval`: accuracy of token-selection methods on a real model, offline.
 
-run_eval loads the model (HF directory, GGUF file or "smollm2"), extracts the retrieval head
-(a DLM, or "self:N" from the LLM's own layer N), and runs the tasks: attention recall on long
-docstring prose (every method, every budget, plus head-layer alternatives) and passkey retrieval.
+run_eval loads the model (HF directory, GGUF file or "smollm2"), builds the retrieval head (a DLM,
+"self:N" from the LLM's own layer N, or "self-prefix:N" behind the LLM's first N layers) and any
+heads to compare, and runs the tasks: attention recall on long docstring prose (every method,
+every budget; spec-head for the compared heads) and passkey retrieval.
 render_table prints rich tables; to_json the whole result.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from specontext_compiler.errors import SpecontextError
 from specontext_compiler.eval.methods import METHODS
+from specontext_compiler.eval.text import long_text_ids, python_version
 
 TASKS = ("recall", "passkey")
 
@@ -40,15 +42,18 @@ class EvalResult:
 
 def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), lengths=(2048, 4096, 8192),
              depths=(0.1, 0.3, 0.5, 0.7, 0.9), methods=METHODS, head_layer: int = 0, dlm=None,
-             passkey_budgets=(1024, 2048), recall_length: int = 8192, recall_queries: int = 16,
-             compare_head_layers=(1, 2, 5), sink: int = 1, recent: int = 0, page_size: int = 16,
-             seed: int = 0, threads: int | None = None, show_progress: bool = True) -> EvalResult:
-    """Run the tasks; budgets for recall, passkey_budgets for passkey (each is W - sink - recent)."""
+             head: str | None = None, compare_heads=(), passkey_budgets=(1024, 2048),
+             recall_length: int = 8192, recall_queries: int = 16, compare_head_layers=(), sink: int = 1,
+             recent: int = 16, page_size: int = 16, seed: int = 0, threads: int | None = None,
+             show_progress: bool = True) -> EvalResult:
+    """Run the tasks; budgets for recall, passkey_budgets for passkey (each is W - sink - recent).
+
+    The main head is `dlm` (a DLM path), else `head` ("self:N" or "self-prefix:N"), else
+    "self:{head_layer}". compare_heads (names) and compare_head_layers ("self:N") are scored too:
+    spec-head recall, and both spec-* methods on the passkey, sharing each prefill.
+    """
     import torch
-    from specontext_compiler.dlm import extract_retrieval_head
-    from specontext_compiler.eval.passkey import passkey_cases
-    from specontext_compiler.eval.recall import attention_recall
-    from specontext_compiler.eval.text import long_text_ids, python_version
+    from specontext_compiler.eval.prefix_head import make_head
     from specontext_compiler.smollm2 import load_causal_lm
 
     unknown = set(tasks) - set(TASKS) or set(methods) - set(METHODS)
@@ -57,8 +62,13 @@ def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), 
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, hf_dir = load_causal_lm(model_dir_or_gguf)
-    head, report = extract_retrieval_head(dlm or f"self:{head_layer}", model, llm=model)
-    meta = {"model": str(model_dir_or_gguf), "hf_dir": str(hf_dir), "head": report,
+    main_name = str(dlm) if dlm else head or f"self:{head_layer}"
+    main = _main_head(model, dlm) if dlm else make_head(model, main_name)
+    others = {n: make_head(model, n) for n in [*compare_heads, *(f"self:{n}" for n in compare_head_layers)]
+              if n != main_name}
+    total = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+    meta = {"model": str(model_dir_or_gguf), "hf_dir": str(hf_dir), "head_name": main_name,
+            "heads": {n: _param_report(h, total) for n, h in {main_name: main, **others}.items()},
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(torch),
             "python": python_version(), "settings": {
                 "tasks": list(tasks), "budgets": list(budgets), "passkey_budgets": list(passkey_budgets),
@@ -68,25 +78,49 @@ def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), 
     result = EvalResult(meta=meta)
     with _progress(show_progress) as bar:
         if "recall" in tasks:
-            ids = long_text_ids(tokenizer, min(recall_length, model.config.max_position_embeddings))
-            task = bar.add_task("attention recall", total=recall_queries * (1 + len(compare_head_layers)))
-            step = lambda: bar.advance(task)     # noqa: E731
-            result.recall = attention_recall(model, head, ids, budgets=budgets, methods=methods, sink=sink,
-                                             recent=recent, queries=recall_queries, page_size=page_size,
-                                             seed=seed, progress=step)
-            for layer in compare_head_layers:
-                other, _ = extract_retrieval_head(f"self:{layer}", model, llm=model)
-                got = attention_recall(model, other, ids, budgets=budgets, methods=("spec-head",), sink=sink,
-                                       recent=recent, queries=recall_queries, seed=seed, progress=step)
-                result.head_layers[f"self:{layer}"] = {b: sum(v) / len(v) for b, v in got["spec-head"].items()}
-            result.head_layers[f"self:{head_layer}"] = {b: result.recall_mean("spec-head", b)
-                                                        for b in budgets} if "spec-head" in methods else {}
+            _recall(result, model, tokenizer, main, others, bar, budgets=budgets, methods=methods, sink=sink,
+                    recent=recent, queries=recall_queries, page_size=page_size, seed=seed,
+                    length=min(recall_length, model.config.max_position_embeddings))
         if "passkey" in tasks:
+            from specontext_compiler.eval.passkey import passkey_cases
             task = bar.add_task("passkey", total=len(lengths) * len(depths))
-            result.passkey = passkey_cases(model, tokenizer, head, lengths=lengths, depths=depths,
+            result.passkey = passkey_cases(model, tokenizer, main, lengths=lengths, depths=depths,
                                            budgets=passkey_budgets, methods=methods, sink=sink, recent=recent,
-                                           page_size=page_size, seed=seed, progress=lambda: bar.advance(task))
+                                           page_size=page_size, seed=seed, extra_heads=others,
+                                           progress=lambda: bar.advance(task))
     return result
+
+
+def _main_head(model, dlm):
+    from specontext_compiler.dlm import extract_retrieval_head
+    return extract_retrieval_head(dlm, model, llm=model)[0]
+
+
+def _param_report(head, total: int) -> dict:
+    if hasattr(head, "param_report"):
+        return head.param_report(total)
+    params, with_embedding = head.param_count(include_embedding=False), head.param_count(include_embedding=True)
+    return {"head": head.source, "params": params, "params_with_embedding": with_embedding, "model_params": total,
+            "reduction": 1 - params / total, "reduction_with_embedding": 1 - with_embedding / total}
+
+
+def _recall(result: EvalResult, model, tokenizer, main, others: dict, bar, *, budgets, methods, length: int,
+            queries: int, **options) -> None:
+    """All methods with the main head, spec-head with each other head; one shared capture prefill."""
+    import torch
+    from specontext_compiler.eval.recall import attention_recall, capture_qk, query_positions
+    ids = long_text_ids(tokenizer, length)
+    task = bar.add_task("attention recall", total=queries * (1 + len(others)))
+    step = lambda: bar.advance(task)     # noqa: E731
+    captured = capture_qk(model, torch.tensor([ids]), query_positions(len(ids), queries))
+    result.recall = attention_recall(model, main, ids, budgets=budgets, methods=methods, queries=queries,
+                                     progress=step, captured=captured, **options)
+    for name, other in others.items():
+        got = attention_recall(model, other, ids, budgets=budgets, methods=("spec-head",), queries=queries,
+                               progress=step, captured=captured, **options)
+        result.head_layers[name] = {b: sum(v) / len(v) for b, v in got["spec-head"].items()}
+    if "spec-head" in methods:
+        result.head_layers[result.meta["head_name"]] = {b: result.recall_mean("spec-head", b) for b in budgets}
 
 
 def run_eval_for_plan(plan_dir, tasks=TASKS, **options) -> EvalResult:
@@ -98,7 +132,7 @@ def run_eval_for_plan(plan_dir, tasks=TASKS, **options) -> EvalResult:
         raise SpecontextError(f"plan {plan_dir} records no model.source; recompile it from a model directory or GGUF")
     workload = plan.workload
     options.setdefault("sink", int(workload.get("sink_tokens", 1)))
-    options.setdefault("recent", int(workload.get("recent_tokens", 0)))
+    options.setdefault("recent", int(workload.get("recent_tokens", 16)))
     if workload.get("budget"):
         options.setdefault("passkey_budgets", (int(workload["budget"]),))
     layer = plan.retrieval_head.get("layer")

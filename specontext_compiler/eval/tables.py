@@ -21,33 +21,63 @@ def recall_table(result) -> Table | None:
     return table
 
 
+def head_rows(result) -> tuple[list[str], list[list[str]]]:
+    """Head comparison: (columns, rows) with parameters, spec-head recall per budget and passkey cells."""
+    budgets = _budgets(result)
+    reports = result.meta.get("heads", {}) if isinstance(result.meta, dict) else {}
+    main = result.meta.get("head_name") if isinstance(result.meta, dict) else None
+    spec = [r for r in result.passkey if r["method"] == "spec-head"]
+    length = max((r["length"] for r in spec), default=None)
+    budget = max((r["budget"] for r in spec), default=None)
+    columns = ["head", "params (no embedding)", "reduction"] + [f"recall B={b}" for b in budgets]
+    if spec:
+        columns.append(f"passkey {length} tok / B={budget}")
+    rows = []
+    for name in sorted(set(result.head_layers) | set(reports)):
+        report, per = reports.get(name, {}), result.head_layers.get(name, {})
+        row = [name, f"{report['params']:,}" if report else "-",
+               f"{100 * report['reduction']:.1f}%" if report else "-"]
+        row += [f"{per[b]:.3f}" if b in per else "-" for b in budgets]
+        if spec:
+            hits = [r["correct"] for r in spec if r["length"] == length and r["budget"] == budget
+                    and (r.get("head") or "main") in (name, "main" if name == main else None)]
+            row.append(f"{sum(hits)}/{len(hits)}" if hits else "-")
+        rows.append(row)
+    return columns, rows
+
+
 def head_layer_table(result) -> Table | None:
-    """spec-head recall for heads derived from different LLM layers."""
+    """spec-head recall (and passkey) for the compared retrieval heads, with their sizes."""
     if not result.head_layers:
         return None
-    table = Table(title="spec-head recall by retrieval-head source")
-    table.add_column("head")
-    budgets = _budgets(result)
-    for budget in budgets:
-        table.add_column(f"B={budget}", justify="right")
-    for name, per in sorted(result.head_layers.items()):
-        table.add_row(name, *[f"{per[b]:.3f}" if b in per else "-" for b in budgets])
+    columns, rows = head_rows(result)
+    table = Table(title="spec-head by retrieval head")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
+def _label(record, main) -> str:
+    head = record.get("head")
+    return record["method"] if head in (None, "main", main) else f"{record['method']} [{head}]"
+
+
 def passkey_rows(result) -> list[tuple[str, str, list[str]]]:
-    """(method, budget, accuracy per length as text) rows; full attention once."""
+    """(method, budget, accuracy per length as text) rows; full attention once; spec-* per head."""
+    main = result.meta.get("head_name") if isinstance(result.meta, dict) else None
     lengths = sorted({r["length"] for r in result.passkey})
-    keys = sorted({(r["method"], r["budget"] or 0) for r in result.passkey},
+    keys = sorted({(_label(r, main), r["budget"] or 0) for r in result.passkey},
                   key=lambda mb: (mb[0] != "full", mb[1], mb[0]))
     rows = []
-    for method, budget in keys:
+    for label, budget in keys:
         cells = []
         for length in lengths:
-            hits = [r["correct"] for r in result.passkey if r["method"] == method and r["length"] == length
+            hits = [r["correct"] for r in result.passkey if _label(r, main) == label and r["length"] == length
                     and (r["budget"] or 0) == budget]
-            cells.append(f"{100 * sum(hits) / len(hits):.0f}% ({sum(hits)}/{len(hits)})")
-        rows.append((method, "-" if method == "full" else str(budget), cells))
+            cells.append(f"{100 * sum(hits) / len(hits):.0f}% ({sum(hits)}/{len(hits)})" if hits else "-")
+        rows.append((label, "-" if label == "full" else str(budget), cells))
     return rows
 
 
@@ -75,9 +105,9 @@ def markdown(result) -> str:
                 for m, per in result.recall.items()]
         out.append("")
     if result.head_layers:
-        out += ["| head | " + " | ".join(f"B={b}" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
-        out += [f"| {h} | " + " | ".join(f"{per[b]:.3f}" if b in per else "-" for b in budgets) + " |"
-                for h, per in sorted(result.head_layers.items())]
+        columns, rows = head_rows(result)
+        out += ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+        out += ["| " + " | ".join(row) + " |" for row in rows]
         out.append("")
     if result.passkey:
         lengths = sorted({r["length"] for r in result.passkey})

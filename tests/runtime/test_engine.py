@@ -1,0 +1,111 @@
+"""The engine end to end on CPU: compile a plan for a tiny model, bind random weights, generate."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from specontext_compiler import compile_model, load_plan
+from specontext_compiler.errors import ModelMismatchError, RuntimeResourceError
+from specontext_compiler.models import load_preset_config
+from specontext_compiler.runtime.plan import Segment
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    config = load_preset_config("tiny-llama")
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def dense_plan(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plans") / "dense"
+    compile_model("tiny-llama", target="h100", max_len=512, budget=512, recent_tokens=0, out=out)
+    return load_plan(out)
+
+
+def hf_greedy(model, prompt, new_tokens):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+    return out[0, len(prompt):].tolist()
+
+
+def with_offload_at(plan, length, layers):
+    """The same plan, but layers go to the host once the sequence reaches `length`."""
+    num = plan.model["num_layers"]
+    keep = [i for i in range(num) if i not in layers]
+    plan = dataclasses.replace(plan, segments=[Segment(0, length, list(range(num)), [], {}),
+                                               Segment(length, plan.workload["max_len"], keep, list(layers), {})])
+    plan.directory = plan.directory
+    return plan
+
+
+def test_dense_budget_matches_hf_greedy_token_for_token(tiny_model, dense_plan):
+    engine = dense_plan.bind(tiny_model, device="cpu")
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (9, 23)]
+    results = engine.generate(prompts, max_new_tokens=12, stop_at_eos=False)
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == hf_greedy(tiny_model, prompt, 12)
+
+
+def test_layers_offloaded_mid_generation_still_match_hf(tiny_model, dense_plan):
+    plan = with_offload_at(dense_plan, 20, [1, 2])
+    plan.directory = dense_plan.directory
+    engine = plan.bind(tiny_model, device="cpu")
+    prompt = torch.randint(3, 256, (15,)).tolist()
+    result = engine.generate([prompt], max_new_tokens=12, stop_at_eos=False)[0]
+    assert engine.ctx.store.offloaded_layers() == [1, 2]
+    assert engine.memory.moves and all(length >= 15 for length, _ in engine.memory.moves)
+    assert result.token_ids == hf_greedy(tiny_model, prompt, 12)
+    stats = engine.stats()
+    assert stats["rows_loaded"] > 0 and 0.0 <= stats["selection_overlap"] <= 1.0
+
+
+@pytest.mark.slow
+def test_sparse_budget_keeps_real_model_logits_close(tmp_path):
+    """SmolLM2-135M on 1024 tokens of real text: budget 512 (+1 sink, +16 recent) vs dense.
+
+    Stated bound: relative L2 error of the next-token logits under 0.2, same top-1 token
+    (measured 0.13 with the self-derived layer-0 head; 0.37 at budget 128).
+    """
+    from specontext_compiler.eval.text import long_text_ids
+    from specontext_compiler.smollm2 import load_causal_lm
+    model, tokenizer, hf_dir = load_causal_lm(dtype=torch.float32)
+    prompt = long_text_ids(tokenizer, 1024)
+    compile_model(str(hf_dir), target="h100", max_len=2048, budget=512, recent_tokens=16, out=tmp_path / "s")
+    engine = load_plan(tmp_path / "s").bind(model, device="cpu", tokenizer=tokenizer)
+    result = engine.generate([prompt], max_new_tokens=3, stop_at_eos=False)[0]
+    with torch.no_grad():
+        dense = model(torch.tensor([prompt + result.token_ids[:-1]])).logits[0, -1]
+    sparse = engine.last_logits[0, -1]
+    assert torch.linalg.norm(sparse - dense) / torch.linalg.norm(dense) < 0.2
+    assert int(sparse.argmax()) == int(dense.argmax())
+
+
+def test_prompt_longer_than_max_len_is_refused_and_engine_stays_usable(tiny_model, dense_plan):
+    engine = dense_plan.bind(tiny_model, device="cpu")
+    with pytest.raises(RuntimeResourceError, match="max-len is 512"):
+        engine.generate([[5] * 600], max_new_tokens=4)
+    assert len(engine.generate([[5, 6, 7]], max_new_tokens=3, stop_at_eos=False)[0].token_ids) == 3
+
+
+def test_plan_for_another_model_names_the_mismatch(dense_plan):
+    config = load_preset_config("tiny-llama")
+    config.num_hidden_layers = 2
+    other = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with pytest.raises(ModelMismatchError, match="num_layers=3, the model has 2"):
+        dense_plan.bind(other, device="cpu")
+
+
+def test_sampling_with_seed_is_reproducible_and_streams(tiny_model, dense_plan):
+    engine = dense_plan.bind(tiny_model, device="cpu")
+    seen = []
+    first = engine.generate([[4, 5, 6]], max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3,
+                            stop_at_eos=False, stream=lambda i, t: seen.append((i, t)))[0]
+    second = engine.generate([[4, 5, 6]], max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3,
+                             stop_at_eos=False)[0]
+    assert first.token_ids == second.token_ids
+    assert seen == [(0, t) for t in first.token_ids]
