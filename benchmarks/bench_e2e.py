@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,45 +77,61 @@ def time_engine(engine, context: int, steps: int) -> dict:
             "rows_loaded_per_step": stats["rows_loaded"] / max(1, steps), "captures": engine.step.captures}
 
 
+def run_case(method: str, context: int, args) -> dict:
+    """One measurement in this process (called in a fresh subprocess per case: clean GPU memory)."""
+    preset = Path(__file__).resolve().parents[1] / "specontext_compiler" / "presets" / "llama-3.1-8b.json"
+    model = random_llama(preset, "cuda")
+    if method == "hf":
+        start = hf_baselines.estimate_max_batch(model, context + args.steps + 2)
+        return {"method": "HF eager (DynamicCache, largest batch)", "context": context,
+                **hf_baselines.largest_fitting_batch(model, context, args.steps, start)}
+    if method == "hf-offload":
+        return {"method": "HF offloaded cache", "context": context,
+                **hf_baselines.time_hf_decode(model, 1, context, max(3, args.steps // 3), offloading=True)}
+    engine = load_plan(Path(args.plans) / f"{method}-{context}").bind(model)
+    result = time_engine(engine, context, args.steps)
+    return {"method": f"specontext {method}", "context": context,
+            "predicted_step_ms": engine.plan.segment_for(context).predicted.get("step_ms"), **result}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plans", default="benchmarks/plans")
-    parser.add_argument("--contexts", default="32k,64k,128k")
+    parser.add_argument("--contexts", default="32768,65536,130560")
+    parser.add_argument("--methods", default="hf,hf-offload,dense,sparse")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--case", help="internal: METHOD:CONTEXT, run one case and print its JSON")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
+    if args.case:
+        method, context = args.case.split(":")
+        print("RESULT " + json.dumps(run_case(method, int(context), args)), flush=True)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = (out / "bench_e2e.jsonl").open("a")
     rows = []
-
-    def record(row):
-        rows.append(row)
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        print(json.dumps(row), flush=True)
-
-    preset = Path(__file__).resolve().parents[1] / "specontext_compiler" / "presets" / "llama-3.1-8b.json"
-    model = random_llama(preset, "cuda")
-    for context in [parse_tokens(c) for c in args.contexts.split(",")]:
-        if not args.skip_hf:
-            start = hf_baselines.estimate_max_batch(model, context + args.steps + 2)
-            best = hf_baselines.largest_fitting_batch(model, context, args.steps, start)
-            record({"method": "HF eager (DynamicCache, largest batch)", "context": context, **best})
-            off = hf_baselines.time_hf_decode(model, 1, context, max(3, args.steps // 3), offloading=True)
-            record({"method": "HF offloaded cache", "context": context, **off})
-        for kind in ("dense", "sparse"):
-            plan_dir = Path(args.plans) / f"{kind}-{context}"
-            if not plan_dir.exists():
-                continue
-            engine = load_plan(plan_dir).bind(model)
-            result = time_engine(engine, context, args.steps)
-            record({"method": f"specontext {kind}", "context": context,
-                    "predicted_step_ms": engine.plan.segment_for(context).predicted.get("step_ms"), **result})
-            del engine
-            torch.cuda.empty_cache()
+    with (out / "bench_e2e.jsonl").open("a") as log:
+        for context in [parse_tokens(c) for c in args.contexts.split(",")]:
+            for method in args.methods.split(","):
+                if method in ("dense", "sparse") and not (Path(args.plans) / f"{method}-{context}").exists():
+                    continue
+                row = _subprocess_case(method, context, args)
+                rows.append(row)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                print(json.dumps(row), flush=True)
     print_table(rows)
+
+
+def _subprocess_case(method: str, context: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--case", f"{method}:{context}", "--plans", args.plans,
+           "--steps", str(args.steps), "--out", args.out]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"method": method, "context": context, "oom": True, "error": tail[0][:300]}
 
 
 def print_table(rows) -> None:
@@ -122,7 +139,7 @@ def print_table(rows) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("oom"):
-            print(f"| {r['context']} | {r['method']} | OOM | | | | | | |")
+            print(f"| {r['context']} | {r['method']} | failed: {r.get('error', 'OOM')[:80]} | | | | | | |")
             continue
         print(f"| {r['context']} | {r['method']} | {r.get('batch')} | {r.get('step_ms', 0):.1f} | "
               f"{r.get('tokens_per_s', 0):.1f} | {r.get('peak_gpu_gb', 0):.1f} | {r.get('pinned_gb', 0) or 0:.1f} | "

@@ -13,7 +13,8 @@ from specontext_compiler.cost_models.model_spec import ModelSpec
 from specontext_compiler.cost_models.workload import Workload
 
 GIB = 1024 ** 3
-FIXED_RESERVE_BYTES = 1 * GIB   # CUDA context (measured 0.55 GB on our H100), cuBLAS, graph pool, allocator slack
+FIXED_RESERVE_BYTES = 3 * GIB   # CUDA context (0.55 GB measured on our H100), cuBLAS, graph pool, allocator slack;
+#   1 GiB was too little: a 128k plan packed to 84.96 GB failed to allocate on the H100 (2026-11-23)
 PINNABLE_HOST_FRACTION = 0.8    # leave 20% of host RAM to the OS and the Python process
 FP32_BYTES = 4
 INDEX_BYTES = 8                 # int64 token indices

@@ -187,7 +187,9 @@ def _build_context(plan, head, batch, device, dtype) -> StepContext:
             capacity=min(first.to_len, int(work["max_len"])),
             device=device, dtype=dtype, level=work.get("level", "head"), kernels=kernels_for(device, plan))
     except torch.cuda.OutOfMemoryError:
-        raise RuntimeResourceError(f"out of GPU memory allocating the KV store for batch {slots}, "
+        in_use_gb = torch.cuda.memory_allocated(device) / 1e9
+        raise RuntimeResourceError(f"out of GPU memory allocating the KV store for batch {slots} "
+                                   f"({in_use_gb:.1f} GB already in use), "
                                    f"max-len {work['max_len']}; bind with a smaller batch= or compile "
                                    "for a smaller --max-len") from None
     except RuntimeError as exc:

@@ -41,13 +41,15 @@ class LayerKV:
     def __init__(self, layout: KVLayout, capacity: int, offloaded: bool):
         self.layout = layout
         self.offloaded = False
+        self.k = self.v = None
+        self.buf_k = self.buf_v = self.slot_pos = None
+        if offloaded:              # never allocate a device cache for a layer born offloaded
+            self._to_host(0)
+            return
         shape_k = (layout.slots, layout.num_kv_heads, capacity, layout.head_dim)
         shape_v = (layout.slots, layout.num_kv_heads, capacity, layout.v_head_dim)
         self.k = torch.empty(shape_k, dtype=layout.dtype, device=layout.device)
         self.v = torch.empty(shape_v, dtype=layout.dtype, device=layout.device)
-        self.buf_k = self.buf_v = self.slot_pos = None
-        if offloaded:
-            self._to_host(0)
 
     @property
     def capacity(self) -> int:
@@ -60,7 +62,7 @@ class LayerKV:
                              dtype=lay.dtype, pin_memory=pin)
         host_v = torch.empty((lay.slots, lay.num_kv_heads, lay.max_len, lay.v_head_dim),
                              dtype=lay.dtype, pin_memory=pin)
-        if filled:
+        if filled and self.k is not None:
             host_k[:, :, :filled].copy_(self.k[:, :, :filled])
             host_v[:, :, :filled].copy_(self.v[:, :, :filled])
         self.k, self.v = host_k, host_v

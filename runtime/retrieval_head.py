@@ -187,6 +187,8 @@ class RetrievalHead:
             tensor = getattr(self, name)
             if tensor is not None and not (name == "embedding" and self.embedding_shared):
                 setattr(self, name, tensor.to(device=device, dtype=dtype))
+        if device is not None:   # RoPE frequencies stay fp32 but must live beside the weights
+            self._inv_freq = self._inv_freq.to(device)
         return self
 
     def _metadata(self) -> dict:

@@ -126,6 +126,10 @@ class StepContext:
                                                device=input_ids.device), starts)
             self.last_indices[rows].copy_(out)
             return out
+        if self.config.width >= self.store.layout.max_len:
+            out = self._all_positions(starts)          # dense budget: nothing to choose
+            self.last_indices[rows].copy_(out)
+            return out
         q, k = self.head.project(input_ids, position_ids)
         self._append_head(k, starts)
         head_k = self.store.head_k[rows]
@@ -171,6 +175,13 @@ class StepContext:
                                       sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens,
                                       seq_lens=starts)
         return idx.to(torch.int32)
+
+    def _all_positions(self, starts):
+        """[B, G, W] every cached position (ascending), -1 past each request's length."""
+        lay = self.store.layout
+        positions = torch.arange(lay.width, device=starts.device, dtype=torch.int32).view(1, 1, -1)
+        out = torch.where(positions < starts.view(-1, 1, 1), positions, torch.full_like(positions, -1))
+        return out.expand(starts.shape[0], lay.groups, lay.width).contiguous()
 
     def _append(self, kv, k, v, starts):
         if self.kernels is not None:

@@ -14,6 +14,8 @@ Bytes moved per call ~ B*Hkv*W*(D+Dv)*b (selected rows) + idx + q/out; see spars
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,10 @@ DTYPE = None          # "bfloat16", "float16" or "float32"
 # --- specialization: end ---
 
 _TARGET_PROGRAMS = 264   # ~2 waves of an H100's 132 SMs
+# Tensor-core path (tl.dot): compiled GPUs only; the interpreter computes bf16 wrongly, so CPU
+# tests run the fp32 CUDA-core kernel below, and the GPU tests check this one against the reference.
+_TENSOR_CORES = os.environ.get("TRITON_INTERPRET", "0") != "1"
+_DOT_BLOCK_W = 64
 
 
 def sparse_decode_reference(q, k_src, v_src, idx, k_new, v_new, scaling: float) -> torch.Tensor:
@@ -114,6 +120,50 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr,
 
 
 @triton.jit
+def _split_dot_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr,
+                      num_kv_heads, width, chunk, scaling,
+                      q_sb, q_sh, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, i_sb, i_sh,
+                      GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr):
+    """As _split_kernel, with the query group padded to 16 rows so both products use tensor cores."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = (pid // num_kv_heads).to(tl.int64)
+    h = (pid % num_kv_heads).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_ptr + b * q_sb + (h * GROUP + g)[:, None] * q_sh + d[None, :],
+                mask=(g[:, None] < GROUP) & (d[None, :] < D), other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    lo = split * chunk
+    for w0 in range(lo, lo + chunk, BLOCK_W):
+        w = w0 + tl.arange(0, BLOCK_W)
+        rows = tl.load(idx_ptr + b * i_sb + h * i_sh + w, mask=w < width, other=-1).to(tl.int64)
+        ok = rows >= 0
+        k = tl.load(k_ptr + b * k_sb + h * k_sh + rows[:, None] * k_sn + d[None, :],
+                    mask=ok[:, None] & (d[None, :] < D), other=0.0)
+        v = tl.load(v_ptr + b * v_sb + h * v_sh + rows[:, None] * v_sn + dv[None, :],
+                    mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scaling                                   # [BLOCK_G, BLOCK_W] fp32
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    part = (pid * num_splits + split) * BLOCK_G + g
+    tl.store(m_ptr + part, m_i)
+    tl.store(l_ptr + part, l_i)
+    tl.store(acc_ptr + part[:, None] * BLOCK_DV + dv[None, :], acc)
+
+
+@triton.jit
 def _combine_kernel(q_ptr, kn_ptr, vn_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
                     num_kv_heads, num_splits, scaling,
                     q_sb, q_sh, kn_sb, kn_sh, vn_sb, vn_sh, o_sb, o_sh,
@@ -173,14 +223,21 @@ def sparse_decode(q, k_src, v_src, idx, k_new, v_new, scaling: float) -> torch.T
                                 ("GQA_GROUP", GQA_GROUP, group), ("WIDTH", WIDTH, width)):
         check_fixed(__name__, name, fixed, actual)
     block_g, block_d, block_dv = pow2(group), pow2(dim), pow2(dim_v)
-    block_w, splits = _config(batch * num_kv_heads, width, group, max(block_d, block_dv))
+    use_dot = _TENSOR_CORES and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and min(block_d, block_dv) >= 16
+    if use_dot:
+        block_g = max(16, block_g)
+        block_w = _DOT_BLOCK_W
+        splits = NUM_SPLITS or max(1, min(cdiv(width, block_w), cdiv(_TARGET_PROGRAMS, batch * num_kv_heads)))
+    else:
+        block_w, splits = _config(batch * num_kv_heads, width, group, max(block_d, block_dv))
     chunk = cdiv(cdiv(width, splits), block_w) * block_w
     partials = batch * num_kv_heads * splits * block_g
     m = torch.empty(partials, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty((partials, block_dv), dtype=torch.float32, device=q.device)
     idx_head_stride = idx.stride(1) if idx.shape[1] == num_kv_heads else 0   # G = 1: shared set
-    _split_kernel[(batch * num_kv_heads, splits)](
+    kernel = _split_dot_kernel if use_dot else _split_kernel
+    kernel[(batch * num_kv_heads, splits)](
         q, k_src, v_src, idx, m, l, acc, num_kv_heads, width, chunk, scaling,
         q.stride(0), q.stride(1), k_src.stride(0), k_src.stride(1), k_src.stride(2),
         v_src.stride(0), v_src.stride(1), v_src.stride(2), idx.stride(0), idx_head_stride,

@@ -3,8 +3,9 @@
 Per case one dense prefill of the context is shared by all methods (the KV cache is cropped back
 to the context after each). The question and the answer are decode steps: each step the method
 picks the tokens to attend (SpeContext: once for all layers from the retrieval head, which keeps
-its own K cache; Quest: per layer from the LLM's own query) and attention reads only those plus the
-new token. Exact match of the first 5-digit number in the answer.
+its own K cache, and a "self-prefix:N" head also its prefix layers' dense KV; Quest: per layer from
+the LLM's own query) and attention reads only those plus the new token. Exact match of the first
+5-digit number in the answer.
 """
 from __future__ import annotations
 

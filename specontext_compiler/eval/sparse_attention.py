@@ -40,10 +40,9 @@ def eval_attention(module, query, key, value, attention_mask, scaling=None, drop
             new_token = torch.ones(*context_keep.shape[:2], 1, dtype=torch.bool, device=key.device)
             keep = expand_to_heads(torch.cat([context_keep, new_token], -1), num_heads)[:, :, None, :]
     assert q_len == 1 or q_len == k_len, "the eval prefills from an empty cache"
-    group = num_heads // num_kv
+    # enable_gqa reads each KV head once for its query group instead of copying it per query head.
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
-        attn_mask=keep, is_causal=q_len > 1, scale=scaling)
+        query, key, value, attn_mask=keep, is_causal=q_len > 1, scale=scaling, enable_gqa=num_kv != num_heads)
     return out.transpose(1, 2).contiguous(), None
 
 

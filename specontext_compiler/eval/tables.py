@@ -5,7 +5,7 @@ from rich.table import Table
 
 
 def _budgets(result) -> list[int]:
-    return sorted({b for per in result.recall.values() for b in per})
+    return sorted({b for table in (result.recall, result.head_layers) for per in table.values() for b in per})
 
 
 def recall_table(result) -> Table | None:

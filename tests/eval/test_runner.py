@@ -64,3 +64,22 @@ def test_smollm2_recall_and_short_passkey():
     assert 0.3 < result.recall_mean("spec-head", 256) < 1.0
     # A budget above the context: every method is dense, so all must find the key full attention finds.
     assert result.passkey_accuracy("full", 1024, None) == result.passkey_accuracy("spec-head", 1024, 2048)
+
+
+def test_head_table_lists_sizes_recall_and_passkey_per_head():
+    from specontext_compiler.eval.tables import head_rows, markdown, passkey_rows
+    record = {"length": 8192, "depth": 0.5, "budget": 2048, "method": "spec-head"}
+    result = runner.EvalResult(
+        meta={"head_name": "self-prefix:2", "heads": {
+            "self-prefix:2": {"params": 7_000_000, "reduction": 0.948},
+            "self:0": {"params": 442_944, "reduction": 0.997}}},
+        head_layers={"self-prefix:2": {2048: 0.94}, "self:0": {2048: 0.89}},
+        passkey=[record | {"head": "main", "correct": True}, record | {"head": "self:0", "correct": False},
+                 record | {"method": "streaming", "head": None, "correct": False}])
+    columns, rows = head_rows(result)
+    assert columns[-1] == "passkey 8192 tok / B=2048"
+    assert rows == [["self-prefix:2", "7,000,000", "94.8%", "0.940", "1/1"],
+                    ["self:0", "442,944", "99.7%", "0.890", "0/1"]]
+    labels = [label for label, _, _ in passkey_rows(result)]
+    assert labels == ["spec-head", "spec-head [self:0]", "streaming"]
+    assert "| self:0 | 442,944 | 99.7% | 0.890 | 0/1 |" in markdown(result)
