@@ -81,51 +81,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr,
                   num_kv_heads, width, chunk, scaling,
                   q_sb, q_sh, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, i_sb, i_sh,
                   GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    b = (pid // num_kv_heads).to(tl.int64)
-    h = (pid % num_kv_heads).to(tl.int64)
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(q_ptr + b * q_sb + (h * GROUP + g)[:, None] * q_sh + d[None, :],
-                mask=(g[:, None] < GROUP) & (d[None, :] < D)).to(tl.float32)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    lo = split * chunk
-    for w0 in range(lo, lo + chunk, BLOCK_W):
-        w = w0 + tl.arange(0, BLOCK_W)
-        rows = tl.load(idx_ptr + b * i_sb + h * i_sh + w, mask=w < width, other=-1).to(tl.int64)
-        ok = rows >= 0
-        k = tl.load(k_ptr + b * k_sb + h * k_sh + rows[:, None] * k_sn + d[None, :],
-                    mask=ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling              # [BLOCK_G, BLOCK_W]
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a chunk of padding only
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        v = tl.load(v_ptr + b * v_sb + h * v_sh + rows[:, None] * v_sn + dv[None, :],
-                    mask=ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-    part = (pid * num_splits + split) * BLOCK_G + g                          # scratch row
-    tl.store(m_ptr + part, m_i)
-    tl.store(l_ptr + part, l_i)
-    tl.store(acc_ptr + part[:, None] * BLOCK_DV + dv[None, :], acc)
-
-
-@triton.jit
-def _split_dot_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr,
-                      num_kv_heads, width, chunk, scaling,
-                      q_sb, q_sh, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, i_sb, i_sh,
-                      GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr):
-    """As _split_kernel, with the query group padded to 16 rows so both products use tensor cores."""
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
+                  USE_DOT: tl.constexpr):
+    # USE_DOT: both products on tensor cores (native dtype in, fp32 out; BLOCK_G padded to 16);
+    # otherwise fp32 on CUDA cores, which is also what the interpreter computes correctly.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -136,6 +95,8 @@ def _split_dot_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr,
     dv = tl.arange(0, BLOCK_DV)
     q = tl.load(q_ptr + b * q_sb + (h * GROUP + g)[:, None] * q_sh + d[None, :],
                 mask=(g[:, None] < GROUP) & (d[None, :] < D), other=0.0)
+    if not USE_DOT:
+        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
@@ -148,19 +109,27 @@ def _split_dot_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr,
                     mask=ok[:, None] & (d[None, :] < D), other=0.0)
         v = tl.load(v_ptr + b * v_sb + h * v_sh + rows[:, None] * v_sn + dv[None, :],
                     mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scaling                                   # [BLOCK_G, BLOCK_W] fp32
+        if USE_DOT:
+            s = tl.dot(q, tl.trans(k)) * scaling                                # [BLOCK_G, BLOCK_W]
+        else:
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scaling
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a chunk of padding only
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if USE_DOT:
+            pv = tl.dot(p.to(v.dtype), v)
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    part = (pid * num_splits + split) * BLOCK_G + g
+    part = (pid * num_splits + split) * BLOCK_G + g                          # scratch row
     tl.store(m_ptr + part, m_i)
     tl.store(l_ptr + part, l_i)
     tl.store(acc_ptr + part[:, None] * BLOCK_DV + dv[None, :], acc)
+
 
 
 @triton.jit
@@ -236,13 +205,12 @@ def sparse_decode(q, k_src, v_src, idx, k_new, v_new, scaling: float) -> torch.T
     l = torch.empty_like(m)
     acc = torch.empty((partials, block_dv), dtype=torch.float32, device=q.device)
     idx_head_stride = idx.stride(1) if idx.shape[1] == num_kv_heads else 0   # G = 1: shared set
-    kernel = _split_dot_kernel if use_dot else _split_kernel
-    kernel[(batch * num_kv_heads, splits)](
+    _split_kernel[(batch * num_kv_heads, splits)](
         q, k_src, v_src, idx, m, l, acc, num_kv_heads, width, chunk, scaling,
         q.stride(0), q.stride(1), k_src.stride(0), k_src.stride(1), k_src.stride(2),
         v_src.stride(0), v_src.stride(1), v_src.stride(2), idx.stride(0), idx_head_stride,
         GROUP=group, D=dim, DV=dim_v, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        BLOCK_W=block_w)
+        BLOCK_W=block_w, USE_DOT=use_dot)
     out = torch.empty((batch, num_heads, dim_v), dtype=q.dtype, device=q.device)
     _combine_kernel[(batch * num_kv_heads,)](
         q, k_new, v_new, m, l, acc, out, num_kv_heads, splits, scaling,
