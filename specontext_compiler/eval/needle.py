@@ -1,0 +1,62 @@
+"""Why a head misses the passkey: where the key's digits rank in its scores, and which LLM layers read them.
+
+One passkey prompt (context + question) is prefilled densely. For the question's last token, each
+head scores the context as head-level selection does (max over a KV group's query heads); we report
+the worst rank of the key's digit tokens per KV group (the selection keeps ranks below its budget).
+Beside it, the LLM's own softmax weight on those digits per layer, averaged over query heads.
+
+    .venv/bin/python -m specontext_compiler.eval.needle [length] [depth] [head ...]
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from specontext_compiler.eval.prefix_head import make_head
+from specontext_compiler.eval.recall import _llm_weights, capture_qk
+from specontext_compiler.eval.text import NEEDLE, passkey, passkey_prompt
+from specontext_compiler.runtime import selection
+
+
+def key_positions(tokenizer, context: list[int], key: str) -> list[int]:
+    """Positions of the key's digit tokens inside the needle sentence of `context`."""
+    needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False).input_ids
+    start = next(i for i in range(len(context)) if context[i:i + len(needle)] == needle)
+    return [i for i in range(start, start + len(needle)) if tokenizer.decode([context[i]]).strip().isdigit()]
+
+
+@torch.no_grad()
+def needle_ranks(model, tokenizer, heads, *, length: int = 8192, depth: float = 0.5, seed: int = 7) -> dict:
+    """{"heads": name -> worst digit rank per KV group, "llm_share": per-layer weight on the digits}."""
+    key = passkey(seed)
+    context, question = passkey_prompt(tokenizer, length - 8, depth, key)
+    ids = torch.tensor([context + question])
+    last, digits = ids.shape[1] - 1, key_positions(tokenizer, context, key)
+    captured = capture_qk(model, ids, [last])
+    out = {"length": length, "depth": depth, "digits": len(digits), "heads": {}, "llm_share": []}
+    for name in heads:
+        head = make_head(model, name)
+        q, k = head.project(ids, torch.arange(ids.shape[1])[None])
+        scores = selection.attention_weights(q[:, :, -1], k[:, :, :-1], head.scaling)[0]    # [Hq, S]
+        groups = head.selection_kv_heads
+        grouped = scores.view(groups, scores.shape[0] // groups, -1).amax(1)                 # [G, S]
+        ranks = grouped.argsort(-1, descending=True).argsort(-1)[:, digits]
+        out["heads"][name] = ranks.amax(-1).tolist()
+    for layer in range(len(captured)):
+        weights = _llm_weights(*captured[layer], 0, last)                                    # [Hq, last+1]
+        out["llm_share"].append(round(float(weights[:, digits].sum(-1).mean()), 4))
+    return out
+
+
+def main(argv: list[str]) -> None:
+    from specontext_compiler.smollm2 import load_causal_lm
+    model, tokenizer, _ = load_causal_lm("smollm2")
+    length = int(argv[0]) if argv else 8192
+    depth = float(argv[1]) if len(argv) > 1 else 0.5
+    heads = argv[2:] or ["self:0", "self-prefix:2", "self-prefix:4"]
+    print(needle_ranks(model, tokenizer, heads, length=length, depth=depth))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
