@@ -46,7 +46,9 @@ class Engine:
         self.memory = MemoryManager(plan, ctx)
         self.step = DecodeStep(self._forward, ctx, use_cuda_graph and device.type == "cuda")
         self.memory.on_change.append(self.step.invalidate)
-        self.prefill_chunk = 1024 if device.type == "cuda" else 256
+        # Prefill activations (logits of every chunk token, MLP intermediates) are outside the
+        # decode-step memory model; 256-token chunks keep them under ~0.3 GB for an 8B model.
+        self.prefill_chunk = 256
 
     # -- construction ------------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,85 @@
+"""The paper's multi-request workloads (Table 5): [input, output] tokens, the plan's request count.
+
+    python benchmarks/bench_workloads.py --workloads 16k:2k,32k:2k --plans benchmarks/plans
+
+Llama-3.1-8B shape, random bf16 weights, random prompts; real chunked prefill through the plan's
+graph, then greedy decoding of every output token through the captured decode step. Plans:
+`specontext compile llama-3.1-8b --target h100 --prompt-len IN --max-len IN+OUT --budget 2048
+--batch auto -o benchmarks/plans/wl-IN-OUT`. Prints a markdown table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import random_llama  # noqa: E402
+
+from specontext_compiler.runtime.plan import load_plan  # noqa: E402
+from specontext_compiler.sizes import parse_tokens  # noqa: E402
+
+
+def run_workload(model, plan_dir: Path, prompt_len: int, new_tokens: int) -> dict:
+    engine = load_plan(plan_dir).bind(model)
+    prompts = [torch.randint(0, 100000, (prompt_len,)).tolist() for _ in range(engine.slots)]
+    marks = {}
+    first = []
+
+    def on_token(index, token):
+        if not first:
+            torch.cuda.synchronize()
+            marks["first_token"] = time.perf_counter()
+        first.append(index)
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = engine.generate(prompts, max_new_tokens=new_tokens, stop_at_eos=False, stream=on_token)
+    torch.cuda.synchronize()
+    end = time.perf_counter()
+    generated = sum(len(r.token_ids) for r in results)
+    decode_s = end - marks["first_token"]
+    stats = engine.stats()
+    return {"workload": f"[{prompt_len},{new_tokens}]", "requests": engine.slots, "generated": generated,
+            "prefill_s": marks["first_token"] - start, "decode_s": decode_s,
+            "decode_tokens_per_s": generated / decode_s, "end_to_end_tokens_per_s": generated / (end - start),
+            "selection_overlap": stats["selection_overlap"], "offloaded_layers": len(stats["offloaded_layers"]),
+            "layer_moves": len(engine.memory.moves),
+            "predicted_tokens_per_s": engine.plan.prediction.get("tokens_per_s")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="16k:2k,32k:2k")
+    parser.add_argument("--plans", default="benchmarks/plans")
+    args = parser.parse_args()
+    preset = Path(__file__).resolve().parents[1] / "specontext_compiler" / "presets" / "llama-3.1-8b.json"
+    model = random_llama(preset, "cuda")
+    rows = []
+    for item in args.workloads.split(","):
+        prompt_len, new_tokens = (parse_tokens(x) for x in item.split(":"))
+        try:
+            row = run_workload(model, Path(args.plans) / f"wl-{prompt_len}-{new_tokens}", prompt_len, new_tokens)
+        except Exception as exc:  # one failing workload must not hide the others
+            row = {"workload": f"[{prompt_len},{new_tokens}]", "error": str(exc)[:300]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    print("\n| [in, out] | requests | prefill s | decode s | decode tok/s | end-to-end tok/s | overlap | predicted tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['workload']} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        print(f"| {r['workload']} | {r['requests']} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} | "
+              f"{r['decode_tokens_per_s']:.1f} | {r['end_to_end_tokens_per_s']:.1f} | "
+              f"{r['selection_overlap'] if r['selection_overlap'] is None else round(r['selection_overlap'], 3)} | "
+              f"{r['predicted_tokens_per_s'] and round(r['predicted_tokens_per_s'], 1)} |")
+
+
+if __name__ == "__main__":
+    main()
