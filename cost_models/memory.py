@@ -17,6 +17,7 @@ FIXED_RESERVE_BYTES = 3 * GIB   # CUDA context (0.55 GB measured on our H100), c
 #   1 GiB was too little: a 128k plan packed to 84.96 GB failed to allocate on the H100 (2026-11-23)
 PINNABLE_HOST_FRACTION = 0.8    # leave 20% of host RAM to the OS and the Python process
 FP32_BYTES = 4
+PREFILL_CHUNK_TOKENS = 256       # runtime/engine.py prefills in chunks of this many tokens
 INDEX_BYTES = 8                 # int64 token indices
 
 
@@ -71,7 +72,12 @@ def workspace_bytes(spec: ModelSpec, workload: Workload, seq_len):
     indices = 2 * R * spec.num_kv_heads * workload.window_tokens * INDEX_BYTES
     gathered = R * workload.window_tokens * kv_bytes_per_token_layer(spec)
     activations = R * (4 * spec.hidden_size + 2 * spec.intermediate_size) * FP32_BYTES
-    return logits + scores + indices + gathered + activations + FIXED_RESERVE_BYTES
+    # Growing a resident layer at a segment boundary holds its old and new K (then V) at once,
+    # and a prefill chunk's logits and MLP activations outlive the decode step's (found on the
+    # H100: a plan packed without these ran out of memory at a boundary).
+    grow_transient = R * seq_len * kv_bytes_per_token_layer(spec) / 2
+    prefill = PREFILL_CHUNK_TOKENS * (spec.vocab_size * FP32_BYTES + 4 * spec.intermediate_size * 2)
+    return logits + scores + indices + gathered + activations + grow_transient + prefill + FIXED_RESERVE_BYTES
 
 
 def host_bytes(spec: ModelSpec, workload: Workload, num_offloaded_layers, seq_len):

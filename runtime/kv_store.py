@@ -85,16 +85,20 @@ class LayerKV:
             return
         lay = self.layout
         capacity = min(capacity, lay.max_len)
-        new_k = torch.empty((lay.slots, lay.num_kv_heads, capacity, lay.head_dim), dtype=lay.dtype, device=lay.device)
-        new_v = torch.empty((lay.slots, lay.num_kv_heads, capacity, lay.v_head_dim), dtype=lay.dtype, device=lay.device)
-        new_k[:, :, :filled].copy_(self.k[:, :, :filled])
-        new_v[:, :, :filled].copy_(self.v[:, :, :filled])
-        self.k, self.v = new_k, new_v
+        # K first, then V: only one of the two is ever held twice (the memory model counts that).
+        self.k = _regrown(self.k, capacity, filled)
+        self.v = _regrown(self.v, capacity, filled)
 
     def reset_slot(self, slot: int) -> None:
         """Forget what a request slot's budget buffer holds (a new request takes the slot)."""
         if self.slot_pos is not None:
             self.slot_pos[slot].fill_(-1)
+
+
+def _regrown(old: torch.Tensor, capacity: int, filled: int) -> torch.Tensor:
+    new = torch.empty((*old.shape[:2], capacity, old.shape[3]), dtype=old.dtype, device=old.device)
+    new[:, :, :filled].copy_(old[:, :, :filled])
+    return new
 
 
 class KVStore:
