@@ -177,7 +177,7 @@ def _retrieval_head(plan, hf_model, dlm, device, dtype):
 
 def _build_context(plan, head, batch, device, dtype) -> StepContext:
     from specontext_compiler.cost_models.model_spec import ModelSpec
-    from specontext_compiler.runtime.kernel_dispatch import kernels_for
+    from specontext_compiler.runtime.kernel_set import kernels_for
     spec = ModelSpec.from_dict(plan.model)
     work = plan.workload
     slots = batch or int(work["batch"])

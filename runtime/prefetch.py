@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from specontext_compiler.runtime.kernels import elastic_load
-
 
 class Prefetcher:
     """Per-layer elastic-loading state of one KV store."""
 
-    def __init__(self, store, kernels=None):
+    def __init__(self, store, kernels):
         self.store = store
         self.kernels = kernels
         device = store.layout.device
@@ -64,16 +62,12 @@ class Prefetcher:
 
     def buffer_rows(self, layer: int, rows: slice) -> torch.Tensor:
         """Row indices into the layer's budget buffer for sparse_decode ([B, G, W], -1 empty)."""
-        return elastic_load.buffer_indices(self.store.layers[layer].slot_pos[rows])
+        return self.kernels.buffer_indices(self.store.layers[layer].slot_pos[rows])
 
     def _load(self, kv, indices: torch.Tensor, rows: slice) -> None:
         slot_pos = kv.slot_pos[rows]
-        if self.kernels is not None:
-            diff, gather = self.kernels.elastic_diff, self.kernels.gather_rows
-        else:   # CPU: the torch implementation of the diff, the reference gather
-            diff, gather = elastic_load.elastic_diff, elastic_load.gather_rows_reference
-        load_pos, load_slot, new_slot_pos = diff(slot_pos, indices.to(torch.int32))
-        gather(kv.k[rows], kv.v[rows], kv.buf_k[rows], kv.buf_v[rows], load_pos, load_slot)
+        load_pos, load_slot, new_slot_pos = self.kernels.elastic_diff(slot_pos, indices.to(torch.int32))
+        self.kernels.gather_rows(kv.k[rows], kv.v[rows], kv.buf_k[rows], kv.buf_v[rows], load_pos, load_slot)
         slot_pos.copy_(new_slot_pos)
         self.rows_loaded += (load_pos >= 0).sum()
         self.rows_requested += (indices >= 0).sum()

@@ -18,6 +18,7 @@ import torch
 
 from specontext_compiler.runtime import attention as ref
 from specontext_compiler.runtime import selection
+from specontext_compiler.runtime.kernel_set import KernelSet
 from specontext_compiler.runtime.kv_store import KVLayout, KVStore
 from specontext_compiler.runtime.prefetch import Prefetcher
 
@@ -44,15 +45,14 @@ class StepContext:
         self.store = store
         self.config = config
         self.num_heads = num_heads
-        self.num_kv_heads = store.layout.num_kv_heads
         self.head = head
-        self.kernels = kernels            # runtime.kernel_dispatch.Kernels on CUDA, None on CPU
+        self.kernels = kernels or KernelSet(reference=True)   # Triton on CUDA, references on CPU
         layout = store.layout
         self.cache_len = torch.zeros(layout.slots, dtype=torch.int64, device=layout.device)
         self.starts = torch.zeros(layout.slots, dtype=torch.int64, device=layout.device)
         self.last_indices = torch.full((layout.slots, layout.groups, layout.width), -1,
                                        dtype=torch.int32, device=layout.device)
-        self.prefetcher = Prefetcher(store, kernels)
+        self.prefetcher = Prefetcher(store, self.kernels)
         self._rows = slice(0, layout.slots)
         self._steps = 1
 
@@ -114,31 +114,22 @@ class StepContext:
     def retrieve(self, input_ids, position_ids) -> torch.Tensor:
         """specontext::retrieve: run the retrieval head, select W rows per group for every layer."""
         rows, starts = self._rows, self.starts[self._rows]
-        width, groups = self.config.width, self.store.layout.groups
-        if self.head is None or self._steps > 1:
+        batch, lay = input_ids.shape[0], self.store.layout
+        if self._steps > 1:                          # prefill attends densely: only feed the head's K
             if self.head is not None:
-                _, k = self.head.project(input_ids, position_ids)
-                self._append_head(k, starts)
-            out = torch.full((input_ids.shape[0], groups, width), -1, dtype=torch.int32,
-                             device=input_ids.device)
-            if self.head is None and self._steps == 1:
-                out = self._select(torch.zeros(input_ids.shape[0], self.num_heads, int(self.store.layout.max_len),
-                                               device=input_ids.device), starts)
-            self.last_indices[rows].copy_(out)
-            return out
-        if self.config.width >= self.store.layout.max_len:
+                self._append_head(self.head.project(input_ids, position_ids)[1], starts)
+            out = torch.full((batch, lay.groups, lay.width), -1, dtype=torch.int32, device=input_ids.device)
+        elif self.config.width >= lay.max_len:
             out = self._all_positions(starts)          # dense budget: nothing to choose
-            self.last_indices[rows].copy_(out)
-            return out
-        q, k = self.head.project(input_ids, position_ids)
-        self._append_head(k, starts)
-        head_k = self.store.head_k[rows]
-        if self.kernels is not None:
-            scores = self.kernels.group_scores(q[:, :, -1], head_k, starts, self.head.scaling, groups)
-            out = self.kernels.select(scores, starts, self.config)
+        elif self.head is None:                      # no head (tests): sinks and recent window, ties
+            out = self.kernels.select(torch.zeros(batch, lay.groups, lay.max_len, device=input_ids.device),
+                                      starts, self.config)
         else:
-            weights = selection.attention_weights(q[:, :, -1], head_k, self.head.scaling, seq_lens=starts)
-            out = self._select(weights, starts)
+            q, k = self.head.project(input_ids, position_ids)
+            self._append_head(k, starts)
+            scores = self.kernels.group_scores(q[:, :, -1], self.store.head_k[rows], starts,
+                                               self.head.scaling, lay.groups)
+            out = self.kernels.select(scores, starts, self.config)
         self.last_indices[rows].copy_(out)
         return out
 
@@ -154,7 +145,7 @@ class StepContext:
             src_rows = self.prefetcher.buffer_rows(layer, rows)
         else:
             k_src, v_src, src_rows = kv.k[rows], kv.v[rows], indices
-        out = self._sparse_decode(q[:, :, 0], k_src, v_src, src_rows, k[:, :, 0], v[:, :, 0], scaling)
+        out = self.kernels.sparse_decode(q[:, :, 0], k_src, v_src, src_rows, k[:, :, 0], v[:, :, 0], scaling)
         self._append(kv, k, v, starts)        # after attending: the new token is passed directly
         return out.unsqueeze(1)
 
@@ -169,13 +160,6 @@ class StepContext:
         return torch.zeros(1, dtype=torch.int64, device=ticket.device)
 
     # -- helpers -------------------------------------------------------------------------------
-    def _select(self, weights, starts):
-        cfg = self.config
-        idx = selection.select_tokens(weights, self.num_kv_heads, cfg.budget, level=cfg.level,
-                                      sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens,
-                                      seq_lens=starts)
-        return idx.to(torch.int32)
-
     def _all_positions(self, starts):
         """[B, G, W] every cached position (ascending), -1 past each request's length."""
         lay = self.store.layout
@@ -184,19 +168,7 @@ class StepContext:
         return out.expand(starts.shape[0], lay.groups, lay.width).contiguous()
 
     def _append(self, kv, k, v, starts):
-        if self.kernels is not None:
-            self.kernels.append(kv.k[self._rows], kv.v[self._rows], k, v, starts)
-        else:
-            ref.append_reference(kv.k[self._rows], kv.v[self._rows], k, v, starts)
+        self.kernels.append(kv.k[self._rows], kv.v[self._rows], k, v, starts)
 
     def _append_head(self, k, starts):
-        head_k = self.store.head_k[self._rows]
-        if self.kernels is not None:
-            self.kernels.append_one(head_k, k, starts)
-        else:
-            ref.append_reference(head_k, head_k, k, k, starts)
-
-    def _sparse_decode(self, q, k_src, v_src, src_rows, k_new, v_new, scaling):
-        if self.kernels is not None:
-            return self.kernels.sparse_decode(q, k_src, v_src, src_rows, k_new, v_new, scaling)
-        return ref.sparse_decode_reference(q, k_src, v_src, src_rows, k_new, v_new, scaling)
+        self.kernels.append_one(self.store.head_k[self._rows], k, starts)

@@ -1,0 +1,68 @@
+"""The kernels the step context calls: Triton launchers on CUDA, their PyTorch references on CPU.
+
+One KernelSet serves both devices, so the step context and the prefetcher have a single code path:
+`reference=True` picks each family's `<name>_reference` (the specification the kernel tests
+compare against); otherwise the launchers, from the plan's specialized files (plan_dir/kernels/,
+sha256-checked) when given, else the packaged templates. The elastic diff, the top-k selection
+and buffer_indices are plain torch ops in both cases.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+FAMILIES = ("retrieval_scores", "sparse_decode", "elastic_load", "kv_append")
+
+
+class KernelSet:
+    """Kernel functions for one engine, with the signatures the step context uses."""
+
+    def __init__(self, modules: dict | None = None, reference: bool = False):
+        modules = dict(modules or {})
+        for family in FAMILIES:
+            if family not in modules:
+                modules[family] = importlib.import_module(f"specontext_compiler.runtime.kernels.{family}")
+        self.modules = modules
+        self.reference = reference
+
+    def _fn(self, family: str, name: str):
+        return getattr(self.modules[family], f"{name}_reference" if self.reference else name)
+
+    def group_scores(self, q, head_k, starts, scaling, groups):
+        """[B, G, S_max] fp32 per-group attention weights of the retrieval head."""
+        return self._fn("retrieval_scores", "retrieval_scores")(q, head_k, starts, scaling, groups)
+
+    def select(self, scores, starts, config):
+        """int32 [B, G, W] selected positions (sinks and recent window forced)."""
+        return self.modules["retrieval_scores"].select(scores, starts, config.budget, config.sink_tokens,
+                                                       config.recent_tokens)
+
+    def append(self, cache_k, cache_v, k, v, starts):
+        self._fn("kv_append", "kv_append")(cache_k, cache_v, k, v, starts)
+
+    def append_one(self, cache_k, k, starts):
+        self._fn("kv_append", "kv_append")(cache_k, None, k, None, starts)
+
+    def sparse_decode(self, q, k_src, v_src, rows, k_new, v_new, scaling):
+        return self._fn("sparse_decode", "sparse_decode")(q, k_src, v_src, rows.int(), k_new, v_new, scaling)
+
+    def elastic_diff(self, slot_pos, new_idx):
+        return self.modules["elastic_load"].elastic_diff(slot_pos, new_idx)
+
+    def gather_rows(self, host_k, host_v, buf_k, buf_v, load_pos, load_slot):
+        self._fn("elastic_load", "gather_rows")(host_k, host_v, buf_k, buf_v, load_pos, load_slot)
+
+    def buffer_indices(self, slot_pos):
+        return self.modules["elastic_load"].buffer_indices(slot_pos)
+
+
+def kernels_for(device: torch.device, plan=None) -> KernelSet:
+    """Triton launchers on CUDA (the plan's specialized files if it has them), references on CPU."""
+    if device.type != "cuda":
+        return KernelSet(reference=True)
+    modules = None
+    if plan is not None and plan.kernels and plan.directory is not None:
+        from specontext_compiler.runtime.kernel_loader import load_plan_kernels
+        modules = load_plan_kernels(plan.directory, plan.kernels)
+    return KernelSet(modules)
