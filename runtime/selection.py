@@ -53,27 +53,31 @@ def select_tokens(scores: torch.Tensor, num_kv_heads: int, budget: int, *, level
     scores: [B, Hq, S] float, attention weights over S cached positions.
     seq_lens: [B] valid cached length per request (positions >= seq_len are ignored); default S.
     """
-    batch, _, seq = scores.shape
     per_group = group_scores(scores.float(), num_kv_heads, level)          # [B, G, S]
-    groups = per_group.shape[1]
+    return select_from_groups(per_group, budget, sink_tokens, recent_tokens, seq_lens).long()
+
+
+def select_from_groups(per_group: torch.Tensor, budget: int, sink_tokens: int = 1, recent_tokens: int = 0,
+                       seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices [B, G, W] int32 (ascending, -1 padded) from per-group scores [B, G, S].
+
+    Static shapes and no host sync, so the Triton path calls it inside a CUDA graph too.
+    """
+    batch, groups, seq = per_group.shape
     width = selection_width(budget, sink_tokens, recent_tokens)
+    positions = torch.arange(seq, device=per_group.device).view(1, 1, seq)
     if seq_lens is None:
-        seq_lens = torch.full((batch,), seq, dtype=torch.long, device=scores.device)
-    positions = torch.arange(seq, device=scores.device)
-    lens = seq_lens.to(scores.device).view(batch, 1, 1)
-    valid = positions.view(1, 1, seq) < lens
-    forced = valid & ((positions.view(1, 1, seq) < sink_tokens) |
-                      (positions.view(1, 1, seq) >= lens - recent_tokens))
+        seq_lens = torch.full((batch,), seq, dtype=torch.long, device=per_group.device)
+    lens = seq_lens.to(device=per_group.device, dtype=torch.int64).view(batch, 1, 1)
+    valid = positions < lens
+    forced = valid & ((positions < sink_tokens) | (positions >= lens - recent_tokens))
     # Forced tokens rank above every scored one; invalid positions below everything.
-    ranked = per_group.masked_fill(~valid, float("-inf")).masked_fill(forced, float("inf"))
-    take = min(width, seq)
-    top = ranked.topk(take, dim=-1).indices                                   # [B, G, take]
-    chosen_valid = torch.gather(valid.expand(batch, groups, seq), -1, top)
-    top = torch.where(chosen_valid, top, torch.full_like(top, seq))           # invalid -> sorts last
-    top = top.sort(dim=-1).values
-    top = torch.where(top == seq, torch.full_like(top, -1), top)
-    if take < width:
-        pad = torch.full((batch, groups, width - take), -1, dtype=top.dtype, device=top.device)
+    ranked = per_group.float().masked_fill(~valid, float("-inf")).masked_fill(forced, float("inf"))
+    top = ranked.topk(min(width, seq), dim=-1).indices
+    top = torch.where(top < lens, top, torch.full_like(top, seq)).sort(dim=-1).values   # invalid last
+    top = torch.where(top == seq, torch.full_like(top, -1), top).to(torch.int32)
+    if top.shape[-1] < width:
+        pad = torch.full((batch, groups, width - top.shape[-1]), -1, dtype=torch.int32, device=top.device)
         top = torch.cat([top, pad], dim=-1)
     return top
 

@@ -142,21 +142,9 @@ def select(scores: torch.Tensor, seq_lens: torch.Tensor, budget: int, sink_token
     """Selected positions [B, G, W] int32, ascending, -1 padded (as selection.select_tokens).
 
     scores: [B, G, S] fp32 per-group weights; seq_lens: [B] valid length per request.
-    The top-k is torch.topk; ranks forced tokens (sinks, recent window) above and invalid
-    positions below every score, then drops the invalid ones. No host sync, static shapes.
+    The top-k is torch.topk, in selection.select_from_groups (the specification itself: the
+    step after scoring has no kernel of its own). No host sync, static shapes.
     """
-    batch, groups, seq = scores.shape
-    width = budget + sink_tokens + recent_tokens
-    check_fixed(__name__, "WIDTH", WIDTH, width)
-    positions = torch.arange(seq, device=scores.device).view(1, 1, seq)
-    lens = seq_lens.to(device=scores.device, dtype=torch.int64).view(batch, 1, 1)
-    valid = positions < lens
-    forced = valid & ((positions < sink_tokens) | (positions >= lens - recent_tokens))
-    ranked = scores.float().masked_fill(~valid, float("-inf")).masked_fill(forced, float("inf"))
-    top = ranked.topk(min(width, seq), dim=-1).indices
-    top = torch.where(top < lens, top, torch.full_like(top, seq)).sort(dim=-1).values
-    top = torch.where(top == seq, torch.full_like(top, -1), top).to(torch.int32)
-    if top.shape[-1] < width:
-        pad = torch.full((batch, groups, width - top.shape[-1]), -1, dtype=torch.int32, device=top.device)
-        top = torch.cat([top, pad], dim=-1)
-    return top
+    from specontext_compiler.runtime import selection
+    check_fixed(__name__, "WIDTH", WIDTH, budget + sink_tokens + recent_tokens)
+    return selection.select_from_groups(scores, budget, sink_tokens, recent_tokens, seq_lens)
