@@ -3,8 +3,12 @@
 Layout per layer (head-major, so one (head, token) row is head_dim elements contiguous):
   resident  k, v: [slots, Hkv, capacity, D] on the compute device
   offloaded k, v: [slots, Hkv, max_len, D] in pinned host memory (the full history), plus a
-            budget buffer buf_k, buf_v: [slots, Hkv, W, D] on the device and slot_pos
-            [slots, G, W] int32 (the position each buffer slot holds, -1 empty)
+            budget buffer buf_k, buf_v: [slots, Hkv, W, D] on the device
+
+One slot table for the whole store, slot_pos [slots, G, W] int32 on the device, says which position
+each buffer slot holds (-1 empty). It is shared because selection picks one index set per step for
+every layer: all offloaded layers hold the same positions in the same slots (runtime/prefetch.py
+keeps them so; a layer offloaded later is marked needs_full_load until it has caught up).
 
 A resident layer's device cache holds only as many tokens as the current residency segment
 allows (the ILP's memory constraint is per segment); grow() enlarges it at a segment boundary.
@@ -42,7 +46,9 @@ class LayerKV:
         self.layout = layout
         self.offloaded = False
         self.k = self.v = None
-        self.buf_k = self.buf_v = self.slot_pos = None
+        self.buf_k = self.buf_v = None
+        # True while the budget buffer is empty but the store's slot table may name positions.
+        self.needs_full_load = False
         if offloaded:              # never allocate a device cache for a layer born offloaded
             self._to_host(0)
             return
@@ -70,14 +76,13 @@ class LayerKV:
                                  dtype=lay.dtype, device=lay.device)
         self.buf_v = torch.empty((lay.slots, lay.num_kv_heads, lay.width, lay.v_head_dim),
                                  dtype=lay.dtype, device=lay.device)
-        self.slot_pos = torch.full((lay.slots, lay.groups, lay.width), -1, dtype=torch.int32,
-                                   device=lay.device)
         self.offloaded = True
 
     def offload(self, filled: int) -> None:
         """Move this layer's history [0, filled) to pinned host memory; frees the device cache."""
         if not self.offloaded:
             self._to_host(filled)
+            self.needs_full_load = True     # other layers' buffers may already hold rows
 
     def grow(self, capacity: int, filled: int) -> None:
         """Give a resident layer room for `capacity` tokens, keeping its first `filled` tokens."""
@@ -88,11 +93,6 @@ class LayerKV:
         # K first, then V: only one of the two is ever held twice (the memory model counts that).
         self.k = _regrown(self.k, capacity, filled)
         self.v = _regrown(self.v, capacity, filled)
-
-    def reset_slot(self, slot: int) -> None:
-        """Forget what a request slot's budget buffer holds (a new request takes the slot)."""
-        if self.slot_pos is not None:
-            self.slot_pos[slot].fill_(-1)
 
 
 def _regrown(old: torch.Tensor, capacity: int, filled: int) -> torch.Tensor:
@@ -110,6 +110,8 @@ class KVStore:
         capacities = capacities or {}
         self.layers = [LayerKV(layout, capacities.get(i, layout.max_len), i in set(offloaded_layers))
                        for i in range(layout.num_layers)]
+        self.slot_pos = torch.full((layout.slots, layout.groups, layout.width), -1, dtype=torch.int32,
+                                   device=layout.device)
         self.head_k = None
         if head_kv_heads:
             self.head_k = torch.empty((layout.slots, head_kv_heads, layout.max_len, head_dim),
@@ -118,12 +120,18 @@ class KVStore:
     def offloaded_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if layer.offloaded]
 
+    def reset_slot(self, slot: int) -> None:
+        """Forget what a request slot's budget buffers hold (a new request takes the slot)."""
+        self.slot_pos[slot].fill_(-1)
+
     def device_bytes(self) -> int:
         """Bytes this store holds on the compute device."""
         total = 0
         for layer in self.layers:
-            tensors = [layer.buf_k, layer.buf_v, layer.slot_pos] if layer.offloaded else [layer.k, layer.v]
+            tensors = [layer.buf_k, layer.buf_v] if layer.offloaded else [layer.k, layer.v]
             total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        if self.offloaded_layers():
+            total += self.slot_pos.numel() * self.slot_pos.element_size()
         if self.head_k is not None:
             total += self.head_k.numel() * self.head_k.element_size()
         return total

@@ -1,20 +1,42 @@
 """Asynchronous prefetch with elastic loading (paper s.5).
 
 Selection happens once, before layer 0, for every layer; so each offloaded layer's rows can be
-copied from pinned host memory while earlier layers compute. Only rows not held by the layer's
-GPU budget buffer are copied (S_now - S_last), into the slots freed by S_last - S_now.
+copied from pinned host memory while earlier layers compute. Only rows not held by the budget
+buffers are copied (S_now - S_last), into the slots freed by S_last - S_now.
 
-On CUDA the copies run on a side stream, one event per layer; the layer's attention waits on its
-event (prefetch_wait). On CPU the copies run inline. If a layer's prefetch was not issued this
-step (the graph has no prefetch node for it), ensure_loaded() loads it synchronously.
+One index set serves every layer, so all offloaded layers' buffers hold the same positions in the
+same slots, recorded once in the store's slot table. The first load of a step computes the diff
+against that table and then updates the table; every later load of the step copies the same
+(load_pos, load_slot) into its own buffer. A layer offloaded after the table was filled starts
+with an empty buffer: its first load copies every position the updated table names instead.
+
+On CUDA the diff and the copies run on a side stream, in issue order, one event per layer; the
+layer's attention waits on its event (prefetch_wait). On CPU they run inline. If a layer's
+prefetch was not issued this step (the graph has no prefetch node for it), ensure_loaded() issues
+it and waits at once. Which load computes the diff is Python control flow: a captured CUDA graph
+records that choice and replays it every step, which holds because the graph is recaptured
+whenever the set of offloaded layers changes (runtime/decode_step.py).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 
+@dataclass
+class StepDiff:
+    """The elastic diff of one step, shared by every offloaded layer's load."""
+
+    load_pos: torch.Tensor     # [B, G, W] int32 position to copy, -1 none
+    load_slot: torch.Tensor    # [B, G, W] int32 buffer slot it goes to
+    loads: torch.Tensor        # 0-d: rows one layer copies
+    wanted: torch.Tensor       # 0-d: rows selected
+    source: tuple              # (indices address, rows): what the diff was computed for
+
+
 class Prefetcher:
-    """Per-layer elastic-loading state of one KV store."""
+    """Elastic-loading state of one KV store: the per-step diff and the copy stream."""
 
     def __init__(self, store, kernels):
         self.store = store
@@ -23,12 +45,14 @@ class Prefetcher:
         self.copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self.events: dict[int, torch.cuda.Event] = {}
         self._loaded: set[int] = set()
-        # Rows copied and rows requested, accumulated on the device (read outside the hot loop).
+        self._diff: StepDiff | None = None
+        # Rows copied and rows selected, summed over layers on the device (read outside the hot loop).
         self.rows_loaded = torch.zeros((), dtype=torch.int64, device=device)
         self.rows_requested = torch.zeros((), dtype=torch.int64, device=device)
 
     def new_step(self) -> None:
         self._loaded.clear()
+        self._diff = None
 
     def issue(self, layer: int, indices: torch.Tensor, rows: slice, decode: bool = True) -> None:
         """Start loading `indices` into layer's budget buffer (no-op for resident layers)."""
@@ -54,20 +78,47 @@ class Prefetcher:
             torch.cuda.current_stream(self.copy_stream.device).wait_event(event)
 
     def ensure_loaded(self, layer: int, indices: torch.Tensor, rows: slice) -> None:
-        """Load synchronously if no prefetch was issued for this layer in this step."""
-        if layer not in self._loaded:
-            self._loaded.add(layer)
-            self._load(self.store.layers[layer], indices, rows)
+        """Load now if no prefetch was issued for this layer in this step, then wait for it.
+
+        Going through issue() keeps the step's diff and every copy on one stream, in order.
+        """
+        self.issue(layer, indices, rows)
         self.wait(layer)
 
     def buffer_rows(self, layer: int, rows: slice) -> torch.Tensor:
         """Row indices into the layer's budget buffer for sparse_decode ([B, G, W], -1 empty)."""
-        return self.kernels.buffer_indices(self.store.layers[layer].slot_pos[rows])
+        return self.kernels.buffer_indices(self.store.slot_pos[rows])
 
     def _load(self, kv, indices: torch.Tensor, rows: slice) -> None:
-        slot_pos = kv.slot_pos[rows]
-        load_pos, load_slot, new_slot_pos = self.kernels.elastic_diff(slot_pos, indices.to(torch.int32))
-        self.kernels.gather_rows(kv.k[rows], kv.v[rows], kv.buf_k[rows], kv.buf_v[rows], load_pos, load_slot)
-        slot_pos.copy_(new_slot_pos)
-        self.rows_loaded += (load_pos >= 0).sum()
-        self.rows_requested += (indices >= 0).sum()
+        diff = self._step_diff(indices, rows)
+        if kv.needs_full_load:
+            self._full_load(kv)
+        else:
+            self.kernels.gather_rows(kv.k[rows], kv.v[rows], kv.buf_k[rows], kv.buf_v[rows],
+                                     diff.load_pos, diff.load_slot)
+            self.rows_loaded += diff.loads
+        self.rows_requested += diff.wanted
+
+    def _step_diff(self, indices: torch.Tensor, rows: slice) -> StepDiff:
+        """This step's diff: computed by the first load, which also moves the table forward."""
+        source = (indices.data_ptr(), tuple(indices.shape), rows.start, rows.stop)
+        if self._diff is not None:
+            if self._diff.source != source:
+                raise ValueError("elastic loading needs one selection per step for every offloaded layer")
+            return self._diff
+        table = self.store.slot_pos[rows]
+        load_pos, load_slot, new_table = self.kernels.elastic_diff(table, indices.to(torch.int32))
+        table.copy_(new_table)    # later loads of this step use load_pos/load_slot, not the table
+        self._diff = StepDiff(load_pos, load_slot, (load_pos >= 0).sum(), (indices >= 0).sum(), source)
+        return self._diff
+
+    def _full_load(self, kv) -> None:
+        """Fill a newly offloaded layer's empty buffer with everything the table names (all slots).
+
+        Runs once: on CUDA in the graph's eager warm-up, so the captured graph holds only the
+        elastic copy (were it captured, replaying it would be correct, only slower).
+        """
+        table = self.store.slot_pos
+        self.kernels.gather_rows(kv.k, kv.v, kv.buf_k, kv.buf_v, table, self.kernels.buffer_indices(table))
+        self.rows_loaded += (table >= 0).sum()
+        kv.needs_full_load = False

@@ -95,8 +95,7 @@ class StepContext:
         """Free a request slot for a new request."""
         self.cache_len[slot] = 0
         self.last_indices[slot].fill_(-1)
-        for layer in self.store.layers:
-            layer.reset_slot(slot)
+        self.store.reset_slot(slot)
 
     # -- the ops -----------------------------------------------------------------------------
     def dense_attention(self, q, k, v, layer: int, scaling: float) -> torch.Tensor:
