@@ -6,6 +6,13 @@ attention, and one layer's Q and K projections with their RoPE. `project` turns 
 post-RoPE queries and keys; the runtime appends k to the head's own K cache and scores the newest
 q against it (`selection.attention_weights` + `selection.select_tokens`, or the Triton kernels).
 
+A fused head (EAGLE-3 style, as the paper's DLMs are) also reads the LLM's own hidden states:
+row j's input is [norm(embedding(x_j)) ; fc(norm(F_{j-1}))], where F_{j-1} concatenates the LLM's
+hidden states after `feature_layers` at the previous position (zeros at position 0). The previous
+position's features exist before step j runs (the LLM computed them at step j-1), so selection
+still happens up front, for all layers at once. Each feature block is RMS-normalized on its own
+first: deep layers' hidden states are ~10x larger than shallow ones'.
+
 RoPE supports the default, `linear`, `llama3` and `yarn` schedules: the paper stretches a 2k DLM
 to long context with YaRN, and a head derived from Llama 3 keeps its llama3 scaling.
 
@@ -22,11 +29,12 @@ import torch
 from specontext_compiler.errors import ModelError
 
 METADATA_KEY = "specontext_retrieval_head"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # 2: fused heads (feature_layers, fc_weight, feature_norm_weight)
 _SHAPE_FIELDS = ("num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size", "norm_eps",
                  "rope", "max_position_embeddings", "embedding_shared", "embedding_name",
-                 "selection_kv_heads", "source", "layer")
-_TENSORS = ("embedding", "norm_weight", "q_weight", "k_weight", "q_bias", "k_bias")
+                 "selection_kv_heads", "source", "layer", "feature_layers")
+_TENSORS = ("embedding", "norm_weight", "q_weight", "k_weight", "q_bias", "k_bias", "fc_weight",
+            "feature_norm_weight")
 
 
 # -- RoPE ---------------------------------------------------------------------------------------
@@ -101,12 +109,19 @@ def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tens
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def _rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dimension, computed in fp32 (no weight)."""
+    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 # -- the head -----------------------------------------------------------------------------------
 class RetrievalHead:
     """Embedding + RMSNorm + one layer's Q/K projections + RoPE: enough to score context tokens.
 
     Weights: embedding [V, H] (None until attached when shared with the LLM), norm_weight [H],
-    q_weight [Hq*D, H], k_weight [Hkv*D, H], optional q_bias / k_bias.
+    q_weight [Hq*D, H], k_weight [Hkv*D, H], optional q_bias / k_bias. A fused head has
+    feature_layers (F indices into the LLM's hidden states: 0 = embedding output, i = after
+    decoder layer i-1), feature_norm_weight [F*H], fc_weight [H, F*H], and q/k weights [*, 2H].
     selection_kv_heads: the `num_kv_heads` to pass to `selection.select_tokens` so that index
     groups line up with the LLM's KV heads (the LLM's Hkv for GQA/MQA, its Hq for MHA/MLA).
     """
@@ -115,23 +130,50 @@ class RetrievalHead:
                  num_heads: int, num_kv_heads: int, head_dim: int, norm_eps: float, rope: dict,
                  max_position_embeddings: int, embedding_shared: bool = False,
                  embedding_name: str = "model.embed_tokens.weight", selection_kv_heads: int | None = None,
-                 vocab_size: int | None = None, source: str = "", layer: int = 0):
+                 vocab_size: int | None = None, source: str = "", layer: int = 0,
+                 feature_layers=(), fc_weight=None, feature_norm_weight=None):
         self.embedding, self.norm_weight = embedding, norm_weight
+        self.feature_layers = tuple(int(i) for i in feature_layers)
+        self.fc_weight, self.feature_norm_weight = fc_weight, feature_norm_weight
         self.q_weight, self.k_weight, self.q_bias, self.k_bias = q_weight, k_weight, q_bias, k_bias
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.hidden_size = int(q_weight.shape[1])
+        self.hidden_size = int(norm_weight.shape[0])
         self.vocab_size = int(vocab_size if vocab_size is not None else embedding.shape[0])
         self.norm_eps, self.rope, self.max_position_embeddings = float(norm_eps), dict(rope), max_position_embeddings
         self.embedding_shared, self.embedding_name = embedding_shared, embedding_name
         self.selection_kv_heads = selection_kv_heads or num_kv_heads
         self.source, self.layer = source, layer
         assert q_weight.shape[0] == num_heads * head_dim and k_weight.shape[0] == num_kv_heads * head_dim
+        fused_width = len(self.feature_layers) * self.hidden_size
+        if self.feature_layers:
+            assert fc_weight is not None and tuple(fc_weight.shape) == (self.hidden_size, fused_width)
+            assert feature_norm_weight is not None and feature_norm_weight.shape[0] == fused_width
+        assert q_weight.shape[1] == self.input_width and k_weight.shape[1] == self.input_width
         self._inv_freq, self._rope_scale = rope_inv_freq(self.rope, head_dim, max_position_embeddings)
 
     @property
     def scaling(self) -> float:
         """Softmax scale of the head's attention logits (1/sqrt(head_dim))."""
         return self.head_dim ** -0.5
+
+    @property
+    def fused(self) -> bool:
+        """True when the head also reads the LLM's hidden states (EAGLE-3 style)."""
+        return bool(self.feature_layers)
+
+    @property
+    def input_width(self) -> int:
+        """Width of the Q/K projections' input: H, or 2H for a fused head."""
+        return self.hidden_size * (2 if self.fused else 1)
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the LLM features a fused head reads per position (F*H; 0 if not fused)."""
+        return len(self.feature_layers) * self.hidden_size
+
+    def features_of(self, hidden_states) -> torch.Tensor:
+        """[B, T, F*H] from the LLM's hidden states (HF's output_hidden_states tuple or a dict by index)."""
+        return torch.cat([hidden_states[i] for i in self.feature_layers], dim=-1)
 
     def set_rope(self, rope: dict) -> "RetrievalHead":
         """Replace the RoPE schedule (e.g. add YaRN to stretch a short DLM); returns self."""
@@ -148,23 +190,31 @@ class RetrievalHead:
         return self
 
     @torch.no_grad()
-    def project(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, Hq, T, D], k [B, Hkv, T, D] after RoPE, for input_ids / position_ids [B, T]."""
+    def project(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                previous_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, Hq, T, D], k [B, Hkv, T, D] after RoPE, for input_ids / position_ids [B, T].
+
+        previous_features [B, T, F*H] (fused heads only): row j holds the LLM's features at
+        position j-1 (`shift_features` builds it); None means zeros (no history yet).
+        """
         if self.embedding is None:
             raise ModelError("the retrieval head shares the LLM's embedding and none is attached; "
                              "pass embedding= to RetrievalHead.load or call attach_embedding")
-        return self.project_hidden(self.embedding[input_ids.to(self.embedding.device)], position_ids)
+        return self.project_hidden(self.embedding[input_ids.to(self.embedding.device)], position_ids,
+                                   previous_features)
 
     @torch.no_grad()
-    def project_hidden(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_hidden(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+                       previous_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """q [B, Hq, T, D], k [B, Hkv, T, D] after RoPE, from hidden states [B, T, H] instead of tokens.
 
         `project` feeds the embedding; a head that sits behind some decoder layers (a DLM's own
         layers, or a truncated copy of the LLM) feeds the hidden state those layers produce.
         """
-        x = hidden.to(self.q_weight.dtype)
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        x = (x.float() * torch.rsqrt(var + self.norm_eps)).to(x.dtype) * self.norm_weight
+        return self.qk_from_input(self.projection_input(hidden, previous_features), position_ids)
+
+    def qk_from_input(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE q, k from the projections' input x [B, T, H or 2H] (differentiable)."""
         batch, tokens = x.shape[:2]
         q = torch.nn.functional.linear(x, self.q_weight, self.q_bias)
         k = torch.nn.functional.linear(x, self.k_weight, self.k_bias)
@@ -172,6 +222,26 @@ class RetrievalHead:
         k = k.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
         pos = position_ids.to(q.device)
         return apply_rope(q, pos, self._inv_freq, self._rope_scale), apply_rope(k, pos, self._inv_freq, self._rope_scale)
+
+    def projection_input(self, hidden: torch.Tensor, previous_features: torch.Tensor | None = None) -> torch.Tensor:
+        """The Q/K projections' input [B, T, H or 2H] (differentiable: the distiller trains through it)."""
+        x = _rms_norm(hidden.to(self.q_weight.dtype), self.norm_eps) * self.norm_weight
+        if not self.fused:
+            return x
+        if previous_features is None:
+            previous_features = x.new_zeros(*x.shape[:2], self.feature_width)
+        blocks = previous_features.to(x.dtype).unflatten(-1, (len(self.feature_layers), self.hidden_size))
+        features = _rms_norm(blocks, self.norm_eps).flatten(-2) * self.feature_norm_weight
+        return torch.cat([x, torch.nn.functional.linear(features, self.fc_weight)], dim=-1)
+
+    @staticmethod
+    def shift_features(features: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+        """Row j gets features[j-1]: [B, T, F*H] -> [B, T, F*H]; row 0 gets `before` [B, F*H] or zeros.
+
+        features are the LLM's at positions p..p+T-1; `before` its features at p-1 (None at p = 0).
+        """
+        first = features[:, :1] * 0 if before is None else before[:, None].to(features.dtype)
+        return torch.cat([first, features[:, :-1]], dim=1)
 
     def param_count(self, include_embedding: bool | None = None) -> int:
         """Parameters the head holds; a shared embedding is excluded unless include_embedding=True."""
@@ -216,12 +286,13 @@ class RetrievalHead:
                 raise ModelError(f"{path} is not a specontext retrieval head (no {METADATA_KEY} metadata)")
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         meta = json.loads(meta_text)
-        meta.pop("hidden_size", None)      # implied by q_weight
+        meta.pop("hidden_size", None)      # implied by norm_weight
         if meta.pop("format_version", 0) > FORMAT_VERSION:
             raise ModelError(f"{path} was written by a newer specontext; upgrade to read it")
         head = cls(embedding=tensors.get("embedding"), norm_weight=tensors["norm_weight"],
                    q_weight=tensors["q_weight"], k_weight=tensors["k_weight"],
-                   q_bias=tensors.get("q_bias"), k_bias=tensors.get("k_bias"), **meta)
+                   q_bias=tensors.get("q_bias"), k_bias=tensors.get("k_bias"), fc_weight=tensors.get("fc_weight"),
+                   feature_norm_weight=tensors.get("feature_norm_weight"), **meta)
         head.to(device=device, dtype=dtype)
         if embedding is not None:
             head.attach_embedding(embedding)

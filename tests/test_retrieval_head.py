@@ -66,3 +66,48 @@ def test_rope_matches_transformers(rope):
 def test_unknown_rope_is_refused():
     with pytest.raises(ModelError, match="not supported"):
         rope_inv_freq({"rope_type": "longrope", "factor": 2.0}, 8, 64)
+
+
+def _fused(plain: RetrievalHead, zero_feature_path: bool = False) -> RetrievalHead:
+    """A fused head (2 feature blocks) whose embedding half is `plain`'s projections."""
+    torch.manual_seed(2)
+    hidden = plain.hidden_size
+    q_extra, k_extra = torch.randn(plain.q_weight.shape[0], hidden), torch.randn(plain.k_weight.shape[0], hidden)
+    if zero_feature_path:
+        q_extra, k_extra = q_extra * 0, k_extra * 0
+    return RetrievalHead(embedding=plain.embedding, norm_weight=plain.norm_weight,
+                         q_weight=torch.cat([plain.q_weight, q_extra], 1), k_weight=torch.cat([plain.k_weight, k_extra], 1),
+                         q_bias=plain.q_bias, num_heads=4, num_kv_heads=2, head_dim=8, norm_eps=1e-6,
+                         rope=plain.rope, max_position_embeddings=256, feature_layers=(1, 3),
+                         fc_weight=torch.randn(hidden, 2 * hidden), feature_norm_weight=torch.rand(2 * hidden) + 0.5)
+
+
+def test_fused_head_reads_previous_features_and_round_trips(tmp_path):
+    plain = _head()
+    fused = _fused(plain)
+    assert fused.fused and not plain.fused and fused.feature_width == 32 and fused.input_width == 32
+    ids, pos = torch.randint(0, 50, (1, 6)), torch.arange(6)[None]
+    hidden_states = [torch.randn(1, 6, 16) for _ in range(4)]
+    features = fused.features_of(hidden_states)
+    assert torch.equal(features, torch.cat([hidden_states[1], hidden_states[3]], -1))
+    shifted = RetrievalHead.shift_features(features)
+    assert torch.equal(shifted[:, 0], torch.zeros(1, 32)) and torch.equal(shifted[:, 1:], features[:, :-1])
+    q, k = fused.project(ids, pos, shifted)
+    # Projecting the last two tokens alone, with the features before them carried in, gives the same rows.
+    tail = RetrievalHead.shift_features(features[:, 4:], before=features[:, 3])
+    q_tail, k_tail = fused.project(ids[:, 4:], pos[:, 4:], tail)
+    assert torch.allclose(q_tail, q[:, :, 4:], atol=1e-5) and torch.allclose(k_tail, k[:, :, 4:], atol=1e-5)
+    assert not torch.allclose(fused.project(ids, pos)[1], k)        # the features matter
+    loaded = RetrievalHead.load(fused.save(tmp_path / "fused.safetensors"))
+    assert loaded.feature_layers == (1, 3)
+    assert torch.equal(loaded.project(ids, pos, shifted)[1], k)
+    # wider q/k (the feature half), fc [16, 32] and the feature norm [32]
+    assert loaded.param_count() == fused.param_count() == plain.param_count() + (32 + 16) * 16 + 16 * 32 + 32
+
+
+def test_fused_head_with_a_zero_feature_path_equals_the_plain_head():
+    plain = _head()
+    fused = _fused(plain, zero_feature_path=True)
+    ids, pos = torch.randint(0, 50, (2, 5)), torch.arange(5).repeat(2, 1)
+    for got, want in zip(fused.project(ids, pos, torch.randn(2, 5, 32)), plain.project(ids, pos)):
+        assert torch.allclose(got, want, atol=1e-5)

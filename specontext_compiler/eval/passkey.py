@@ -3,7 +3,8 @@
 Per case one dense prefill of the context is shared by all methods (the KV cache is cropped back
 to the context after each). The question and the answer are decode steps: each step the method
 picks the tokens to attend (SpeContext: once for all layers from the retrieval head, which keeps
-its own K cache, and a "self-prefix:N" head also its prefix layers' dense KV; Quest: per layer from
+its own K cache, a "self-prefix:N" head also its prefix layers' dense KV, and a fused head the
+LLM's hidden states of the previous position; Quest: per layer from
 the LLM's own query) and attention reads only those plus the new token. Exact match of the first
 5-digit number in the answer.
 """
@@ -15,6 +16,7 @@ import torch
 
 from specontext_compiler.eval import sparse_attention
 from specontext_compiler.eval.methods import PER_LAYER, Budget, method_mask
+from specontext_compiler.eval.recall import context_qk
 from specontext_compiler.eval.text import parse_answer, passkey, passkey_prompt
 
 SPEC_METHODS = ("spec-head", "spec-batch")     # the methods that read the retrieval head
@@ -37,32 +39,54 @@ class _StepSelector:
         return mask
 
 
+class _HeadState:
+    """The retrieval head's side of a decode run: its K cache and, for a fused head, the LLM's last features."""
+
+    def __init__(self, head, head_k: torch.Tensor, last_features: torch.Tensor | None):
+        self.head, self.head_k, self.last_features = head, head_k, last_features
+        self.fused = getattr(head, "fused", False)
+
+    def query(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The new token's q [1, Hq, D]; its k joins the cache after the step (see `advance`)."""
+        previous = self.last_features[:, None] if self.fused else None
+        q_new, self._k_new = (self.head.project(ids, pos, previous) if self.fused
+                              else self.head.project(ids, pos))
+        return q_new[:, :, 0]
+
+    def advance(self, hidden_states) -> None:
+        self.head_k = torch.cat([self.head_k, self._k_new], dim=2)
+        if self.fused:
+            self.last_features = self.head.features_of(hidden_states)[:, -1]
+
+
 @torch.no_grad()
 def sparse_generate(model, head, cache, context_len: int, feed: list[int], *, method: str, limit: Budget,
                     head_k: torch.Tensor, max_new_tokens: int, generator: torch.Generator,
-                    eos_token_id: int | None = None,
+                    eos_token_id: int | None = None, last_features: torch.Tensor | None = None,
                     stop: Callable[[list[int]], bool] | None = None) -> list[int]:
     """Feed `feed` then greedily generate, every step sparse; returns the generated ids.
 
     cache: an HF cache holding exactly the dense-prefilled context (context_len tokens).
     head_k: [1, Hkv, context_len, D], the retrieval head's K cache for the context (not modified;
     read by the spec-* methods only, which also project each new token through `head`).
+    last_features: [1, F*H], the LLM's features at the context's last position (fused heads).
     """
     pending, generated, position = list(feed), [], context_len
-    head_cache, uses_head = head_k, method in SPEC_METHODS
+    uses_head = method in SPEC_METHODS
+    state = _HeadState(head, head_k, last_features) if uses_head else None
     while True:
         token = pending.pop(0) if pending else generated[-1]
         ids, pos = torch.tensor([[token]]), torch.tensor([[position]])
-        q_new, k_new = head.project(ids, pos) if uses_head else (None, None)
-        selector = _StepSelector(method, limit, q_new[:, :, 0] if uses_head else None, head_cache, head,
-                                 generator)
+        q_new = state.query(ids, pos) if uses_head else None
+        selector = _StepSelector(method, limit, q_new, state.head_k if uses_head else None, head, generator)
         with sparse_attention.active(selector=selector):
-            logits = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+            out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                        output_hidden_states=bool(uses_head and state.fused))
         if uses_head:
-            head_cache = torch.cat([head_cache, k_new], dim=2)
+            state.advance(out.hidden_states)
         position += 1
         if not pending:
-            generated.append(int(logits[0, -1].argmax()))
+            generated.append(int(out.logits[0, -1].argmax()))
             done = stop is not None and stop(generated)
             if len(generated) >= max_new_tokens or generated[-1] == eos_token_id or done:
                 return generated
@@ -90,10 +114,12 @@ def passkey_cases(model, tokenizer, head, *, lengths, depths, budgets, methods, 
             ids = torch.tensor([context])
             cache = DynamicCache(config=model.config)
             with sparse_attention.active():
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            positions = torch.arange(len(context))[None]
-            head_ks = {name: h.project(ids, positions)[1] for name, h in heads.items()
+                prefill = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                output_hidden_states=True)
+            hidden = prefill.hidden_states
+            head_ks = {name: context_qk(h, ids, hidden)[1] for name, h in heads.items()
                        if set(methods) & set(SPEC_METHODS)}
+            last = {name: h.features_of(hidden)[:, -1] for name, h in heads.items() if getattr(h, "fused", False)}
             runs = [(m, name) for m in methods for name in (heads if m in SPEC_METHODS else [None])]
             for method, name in runs:
                 for budget in (budgets if method != "full" else budgets[:1]):
@@ -105,6 +131,7 @@ def passkey_cases(model, tokenizer, head, *, lengths, depths, budgets, methods, 
                                           head_k=head_ks.get(name or "main"), max_new_tokens=max_new_tokens,
                                           generator=torch.Generator().manual_seed(seed + case),
                                           eos_token_id=tokenizer.eos_token_id,
+                                          last_features=last.get(name or "main"),
                                           stop=lambda g: parse_answer(tokenizer.decode(g)) is not None)
                     text = tokenizer.decode(out, skip_special_tokens=True)
                     answer = parse_answer(text)

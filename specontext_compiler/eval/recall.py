@@ -5,6 +5,7 @@ k (all positions). For a query at position t, each method selects over positions
 were a decode step; recall at layer l is sum over the selected tokens (plus t itself, always
 attended) of the LLM's softmax weights, averaged over query heads and query positions. The
 weights come from dense-context hidden states, so this measures selection alone, not drift.
+A fused (EAGLE-3 style) head reads the LLM's hidden states of the same prefill (`context_qk`).
 """
 from __future__ import annotations
 
@@ -23,9 +24,13 @@ def query_positions(length: int, count: int) -> list[int]:
 
 
 @torch.no_grad()
-def capture_qk(model, ids: torch.Tensor, positions: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """layer -> (q [Hq, P, D] at `positions`, k [Hkv, T, D]) from one dense prefill of ids [1, T]."""
-    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+def capture_qk(model, ids: torch.Tensor, positions: list[int]) -> dict:
+    """layer -> (q [Hq, P, D] at `positions`, k [Hkv, T, D]) from one dense prefill of ids [1, T].
+
+    The LLM's hidden states of that prefill ride along under the key "hidden" (a tuple, as HF's
+    output_hidden_states), for fused heads.
+    """
+    captured: dict = {}
     index = torch.tensor(positions)
 
     def grab(layer, query, key):
@@ -33,8 +38,19 @@ def capture_qk(model, ids: torch.Tensor, positions: list[int]) -> dict[int, tupl
 
     sparse_attention.install(model)
     with sparse_attention.active(capture=grab):
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    captured["hidden"] = out.hidden_states
     return captured
+
+
+def context_qk(head, ids: torch.Tensor, hidden_states=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's q, k for a whole context ids [1, T]; a fused head reads the LLM's hidden states."""
+    positions = torch.arange(ids.shape[1])[None]
+    if not getattr(head, "fused", False):
+        return head.project(ids, positions)
+    if hidden_states is None:
+        raise ValueError(f"{getattr(head, 'source', 'the head')} is fused: pass the LLM's hidden states")
+    return head.project(ids, positions, head.shift_features(head.features_of(hidden_states)))
 
 
 @torch.no_grad()
@@ -49,8 +65,8 @@ def attention_recall(model, head, ids: list[int], *, budgets, methods, sink: int
     tokens = torch.tensor([ids])
     positions = query_positions(len(ids), queries)
     captured = captured if captured is not None else capture_qk(model, tokens, positions)
-    head_q, head_k = head.project(tokens, torch.arange(len(ids))[None])
-    num_layers = len(captured)
+    head_q, head_k = context_qk(head, tokens, captured["hidden"])
+    num_layers = len(captured) - 1         # the "hidden" entry is not a layer
     sums = {m: {b: [0.0] * num_layers for b in budgets} for m in methods}
     generator = torch.Generator().manual_seed(seed)
     for j, t in enumerate(positions):
