@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_baselines  # noqa: E402  (benchmark-local helper module)
 
+from specontext_compiler.cost_models.plan_prediction import predicted_step  # noqa: E402
 from specontext_compiler.runtime.plan import load_plan  # noqa: E402
 from specontext_compiler.sizes import parse_tokens  # noqa: E402
 
@@ -90,8 +91,11 @@ def run_case(method: str, context: int, args) -> dict:
                 **hf_baselines.time_hf_decode(model, 1, context, max(3, args.steps // 3), offloading=True)}
     engine = load_plan(Path(args.plans) / f"{method}-{context}").bind(model)
     result = time_engine(engine, context, args.steps)
+    # The plan predicts at its compile-time overlap; also predict at the overlap this run measured.
+    measured = result["overlap"] if result["overlap"] is not None else None
     return {"method": f"specontext {method}", "context": context,
-            "predicted_step_ms": engine.plan.segment_for(context).predicted.get("step_ms"), **result}
+            "predicted_step_ms": engine.plan.segment_for(context).predicted.get("step_ms"),
+            "predicted_at_measured_overlap_ms": predicted_step(engine.plan, context, measured).step_ms, **result}
 
 
 def main() -> None:
@@ -135,16 +139,21 @@ def _subprocess_case(method: str, context: int, args) -> dict:
 
 
 def print_table(rows) -> None:
-    print("\n| context | method | batch | step ms | tok/s | peak GPU GB | pinned GB | overlap | predicted ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| context | method | batch | step ms | tok/s | peak GPU GB | pinned GB | overlap | predicted ms "
+          "(plan) | predicted ms (measured overlap) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("oom"):
-            print(f"| {r['context']} | {r['method']} | failed: {r.get('error', 'OOM')[:80]} | | | | | | |")
+            print(f"| {r['context']} | {r['method']} | failed: {r.get('error', 'OOM')[:80]} | | | | | | | |")
             continue
         print(f"| {r['context']} | {r['method']} | {r.get('batch')} | {r.get('step_ms', 0):.1f} | "
               f"{r.get('tokens_per_s', 0):.1f} | {r.get('peak_gpu_gb', 0):.1f} | {r.get('pinned_gb', 0) or 0:.1f} | "
               f"{r.get('overlap') if r.get('overlap') is None else round(r['overlap'], 3)} | "
-              f"{r.get('predicted_step_ms') or ''} |")
+              f"{_ms(r.get('predicted_step_ms'))} | {_ms(r.get('predicted_at_measured_overlap_ms'))} |")
+
+
+def _ms(value) -> str:
+    return f"{value:.1f}" if value else ""
 
 
 if __name__ == "__main__":

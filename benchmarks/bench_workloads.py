@@ -24,27 +24,40 @@ from specontext_compiler.runtime.plan import load_plan  # noqa: E402
 from specontext_compiler.sizes import parse_tokens  # noqa: E402
 
 
-def run_workload(model, plan_dir: Path, prompt_len: int, new_tokens: int) -> dict:
+class _TimeUp(Exception):
+    """Raised from the streaming callback when the workload's time limit is reached."""
+
+
+def run_workload(model, plan_dir: Path, prompt_len: int, new_tokens: int, max_seconds: float) -> dict:
+    """Serve the plan's request count; stop early (and say so) after max_seconds of wall time."""
     engine = load_plan(plan_dir).bind(model)
     prompts = [torch.randint(0, 100000, (prompt_len,)).tolist() for _ in range(engine.slots)]
     marks = {}
     first = []
+    start = time.perf_counter()
 
     def on_token(index, token):
         if not first:
             torch.cuda.synchronize()
             marks["first_token"] = time.perf_counter()
         first.append(index)
+        if time.perf_counter() - start > max_seconds:
+            raise _TimeUp
 
     torch.cuda.synchronize()
     start = time.perf_counter()
-    results = engine.generate(prompts, max_new_tokens=new_tokens, stop_at_eos=False, stream=on_token)
+    try:
+        engine.generate(prompts, max_new_tokens=new_tokens, stop_at_eos=False, stream=on_token)
+        finished = True
+    except _TimeUp:
+        finished = False
     torch.cuda.synchronize()
     end = time.perf_counter()
-    generated = sum(len(r.token_ids) for r in results)
+    generated = len(first)
     decode_s = end - marks["first_token"]
     stats = engine.stats()
     return {"workload": f"[{prompt_len},{new_tokens}]", "requests": engine.slots, "generated": generated,
+            "finished": finished, "steps": generated // engine.slots,
             "prefill_s": marks["first_token"] - start, "decode_s": decode_s,
             "decode_tokens_per_s": generated / decode_s, "end_to_end_tokens_per_s": generated / (end - start),
             "selection_overlap": stats["selection_overlap"], "offloaded_layers": len(stats["offloaded_layers"]),
@@ -56,6 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="16k:2k,32k:2k")
     parser.add_argument("--plans", default="benchmarks/plans")
+    parser.add_argument("--max-seconds", type=float, default=1e9,
+                        help="stop a workload after this much wall time and report the steps it ran")
     args = parser.parse_args()
     preset = Path(__file__).resolve().parents[1] / "specontext_compiler" / "presets" / "llama-3.1-8b.json"
     model = random_llama(preset, "cuda")
@@ -63,19 +78,22 @@ def main() -> None:
     for item in args.workloads.split(","):
         prompt_len, new_tokens = (parse_tokens(x) for x in item.split(":"))
         try:
-            row = run_workload(model, Path(args.plans) / f"wl-{prompt_len}-{new_tokens}", prompt_len, new_tokens)
+            row = run_workload(model, Path(args.plans) / f"wl-{prompt_len}-{new_tokens}", prompt_len, new_tokens,
+                               args.max_seconds)
         except Exception as exc:  # one failing workload must not hide the others
             row = {"workload": f"[{prompt_len},{new_tokens}]", "error": str(exc)[:300]}
         rows.append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
-    print("\n| [in, out] | requests | prefill s | decode s | decode tok/s | end-to-end tok/s | overlap | predicted tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| [in, out] | requests | decode steps run | prefill s | decode s | decode tok/s | end-to-end tok/s "
+          "| overlap | predicted tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['workload']} | failed: {r['error'][:80]} | | | | | | |")
+            print(f"| {r['workload']} | failed: {r['error'][:80]} | | | | | | | |")
             continue
-        print(f"| {r['workload']} | {r['requests']} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} | "
+        steps = f"{r['steps']}" + ("" if r["finished"] else " (time limit)")
+        print(f"| {r['workload']} | {r['requests']} | {steps} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} | "
               f"{r['decode_tokens_per_s']:.1f} | {r['end_to_end_tokens_per_s']:.1f} | "
               f"{r['selection_overlap'] if r['selection_overlap'] is None else round(r['selection_overlap'], 3)} | "
               f"{r['predicted_tokens_per_s'] and round(r['predicted_tokens_per_s'], 1)} |")

@@ -1,6 +1,7 @@
 """Decode-step latency of a residency plan (paper s.5, Fig. 7(e): one retrieval, then overlapped prefetch).
 
-Roofline per piece of work: time = max(FLOPs / bf16 peak, HBM bytes / hbm_gbps). One step for R
+Roofline per piece of work: time = max(FLOPs / bf16 peak, HBM bytes / (hbm_gbps x the target's
+decode_hbm_efficiency, the share of copy bandwidth decode kernels reach, measured)). One step for R
 requests at length S runs, on the compute stream: the retrieval head (projections, q·K over its
 S-token K cache, top-k), then layers 0..L-1, then the LM head. On one copy stream, every offloaded
 layer's prefetch (the rows not selected at the previous step, gathered from pinned host memory)
@@ -23,7 +24,8 @@ GRAPH_LAUNCHES_PER_STEP = 2   # one CUDA-graph replay for the step, one host syn
 
 def _ms(flops: float, hbm_bytes: float, target: Target) -> float:
     """Roofline time in ms: the larger of compute time and HBM time."""
-    return max(flops / (target.bf16_tflops * 1e9), hbm_bytes / (target.hbm_gbps * 1e6))
+    return max(flops / (target.bf16_tflops * 1e9),
+               hbm_bytes / (target.hbm_gbps * target.decode_hbm_efficiency * 1e6))
 
 
 def layer_params(spec: ModelSpec) -> float:

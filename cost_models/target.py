@@ -25,6 +25,9 @@ class Target:
     bf16_tflops: float           # dense bf16 matmul throughput
     host_memory_bytes: int       # host DRAM available to this GPU for pinned KV
     launch_overhead_us: float    # CPU cost of one CUDA-graph replay (per launch)
+    # Share of hbm_gbps that a decode step's kernels reach (GEMVs, split-K attention, small ops):
+    # the roofline at full copy bandwidth under-predicts a real step by this factor.
+    decode_hbm_efficiency: float = 1.0
     unified_memory: bool = False  # host and GPU share one pool (Jetson): offloading frees nothing
     # field name -> where the figure comes from (datasheet or measured); not part of equality
     sources: dict = field(default_factory=dict, compare=False)
@@ -35,7 +38,8 @@ class Target:
                 f"{self.pinned_gather_gbps:.1f} GB/s pinned gather, {self.bf16_tflops:.0f} TFLOP/s bf16")
 
 
-_REQUIRED = tuple(f.name for f in fields(Target) if f.name not in ("unified_memory", "sources"))
+_OPTIONAL = ("unified_memory", "sources", "decode_hbm_efficiency")
+_REQUIRED = tuple(f.name for f in fields(Target) if f.name not in _OPTIONAL)
 _VALID = tuple(f.name for f in fields(Target))
 _INT_KEYS = ("gpu_memory_bytes", "host_memory_bytes")
 _FLOAT_KEYS = ("hbm_gbps", "h2d_gbps", "pinned_gather_gbps", "bf16_tflops", "launch_overhead_us")
@@ -61,6 +65,13 @@ def _target_from_dict(data: dict, where: str) -> Target:
     for key in _INT_KEYS + _FLOAT_KEYS:
         if values[key] <= 0 and key != "launch_overhead_us":
             raise TargetError(f"{where}: {key} must be positive, got {values[key]}")
+    try:
+        values["decode_hbm_efficiency"] = float(values.get("decode_hbm_efficiency", 1.0))
+    except (TypeError, ValueError):
+        raise TargetError(f"{where}: decode_hbm_efficiency = {data['decode_hbm_efficiency']!r} is not a number; "
+                          "write a fraction such as 0.8")
+    if not 0 < values["decode_hbm_efficiency"] <= 1:
+        raise TargetError(f"{where}: decode_hbm_efficiency must be in (0, 1], got {values['decode_hbm_efficiency']}")
     values["aliases"] = tuple(str(a).lower() for a in values.get("aliases", ()))
     values["name"] = str(values["name"]).lower()
     unified = values.get("unified_memory", False)

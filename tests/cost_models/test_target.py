@@ -87,3 +87,15 @@ def test_override_replaces_a_figure_and_rejects_unknown_keys():
     assert h100.h2d_gbps == 51.6
     with pytest.raises(TargetError, match="unknown keys \\['pcie'\\]"):
         override_target(h100, {"pcie": "5"})
+
+
+def test_decode_efficiency_is_optional_bounded_and_slows_the_roofline(tmp_path):
+    from specontext_compiler.cost_models.latency import _ms
+    plain = load_target_file(_write(tmp_path, GOOD))
+    assert plain.decode_hbm_efficiency == 1.0
+    derated = load_target_file(_write(tmp_path, GOOD + "decode_hbm_efficiency = 0.5\n"))
+    assert _ms(0.0, 1e9, derated) == pytest.approx(2 * _ms(0.0, 1e9, plain))
+    assert _ms(1e12, 0.0, derated) == _ms(1e12, 0.0, plain)          # compute time is not derated
+    with pytest.raises(TargetError, match=r"decode_hbm_efficiency must be in \(0, 1\]"):
+        load_target_file(_write(tmp_path, GOOD + "decode_hbm_efficiency = 1.5\n"))
+    assert 0 < load_target("h100").decode_hbm_efficiency < 1
