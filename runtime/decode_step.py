@@ -42,7 +42,7 @@ class DecodeStep:
     def _capture(self, input_ids, position_ids) -> None:
         self.static_ids = input_ids.clone()
         self.static_pos = position_ids.clone()
-        counters = [t.clone() for t in self._counters()]
+        saved = [t.clone() for t in self._restored_after_warm_up()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):       # warm-up: allocator, Triton compilation, cuBLAS handles
@@ -54,11 +54,17 @@ class DecodeStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.static_logits = self.forward(self.static_ids, self.static_pos)
-        for live, saved in zip(self._counters(), counters):
-            live.copy_(saved)                 # warm-up loads are not part of the statistics
+        for live, before in zip(self._restored_after_warm_up(), saved):
+            live.copy_(before)
         self.graph = graph
         self.captures += 1
 
-    def _counters(self):
+    def _restored_after_warm_up(self):
+        """State the warm-up runs change that the first replay must see unchanged.
+
+        Warm-up loads are not part of the statistics; a fused head's features are read, then
+        overwritten by each step, so after a warm-up they would hold this step's, not the last one's.
+        """
         fetcher = self.ctx.prefetcher
-        return [fetcher.rows_loaded, fetcher.rows_requested]
+        features = [self.ctx.features.last] if self.ctx.features is not None else []
+        return [fetcher.rows_loaded, fetcher.rows_requested, *features]

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from specontext_compiler.errors import RuntimeResourceError
+from specontext_compiler.errors import ModelMismatchError, RuntimeResourceError
 from specontext_compiler.runtime import context, weights
 from specontext_compiler.runtime.decode_step import DecodeStep
 from specontext_compiler.runtime.graph_loader import load_graph
@@ -163,16 +163,28 @@ def _pick_device(device) -> torch.device:
 def _retrieval_head(plan, hf_model, dlm, device, dtype):
     from specontext_compiler.runtime.retrieval_head import RetrievalHead
     info = plan.retrieval_head or {}
-    embedding = hf_model.get_input_embeddings().weight
     if dlm is not None:
         from specontext_compiler.dlm import extract_retrieval_head  # compiler side, only on request
         head, _ = extract_retrieval_head(dlm, hf_model.config, layer=info.get("layer"))
     elif info.get("file"):
-        head = RetrievalHead.load(plan.directory / info["file"], embedding=embedding, device=device, dtype=dtype)
+        head = RetrievalHead.load(plan.directory / info["file"], device=device, dtype=dtype)
     else:
         from specontext_compiler.dlm import extract_retrieval_head
         head, _ = extract_retrieval_head(hf_model, hf_model.config, layer=info.get("layer"))
+    if head.embedding is None:         # a head that shares the LLM's table: the bound weights
+        head.attach_embedding(hf_model.get_input_embeddings().weight)
+    _check_feature_layers(info, head)
     return head.to(device=device, dtype=dtype)
+
+
+def _check_feature_layers(info: dict, head) -> None:
+    """The graph taps the hidden states a fused head reads (plan) and the bound head reads those."""
+    tapped = tuple(int(i) for i in info.get("feature_layers") or ())
+    if tapped != head.feature_layers:
+        raise ModelMismatchError(
+            f"the plan's graph taps the LLM's hidden states entering layers {list(tapped)}, the retrieval "
+            f"head reads layers {list(head.feature_layers)}; bind the head the plan was compiled with or "
+            "recompile with --dlm pointing at this head")
 
 
 def _build_context(plan, head, batch, device, dtype) -> StepContext:

@@ -13,12 +13,14 @@ K selected tokens per group):
   sparse_attention(q, k, v, indices, layer, scaling, ready) -> [B,T,Hq,Dv]
   prefetch_issue(indices, layer) -> ticket [1] int64
   prefetch_wait(ticket, layer) -> ready [1] int64
+  record_features(hidden [B,T,H], block) -> nothing (a fused head's tap on the residual stream)
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch.fx.node import has_side_effect
 
 from specontext_compiler.runtime import context
 
@@ -84,7 +86,22 @@ def _prefetch_wait_fake(ticket, layer):
     return ticket.new_empty(1, dtype=torch.int64)
 
 
-OP_NAMES = ("attention", "retrieve", "sparse_attention", "prefetch_issue", "prefetch_wait")
+@torch.library.custom_op("specontext::record_features", mutates_args=())
+def record_features(hidden: torch.Tensor, block: int) -> None:
+    """Keep the hidden state entering one of a fused head's feature layers (block: its index there)."""
+    context.current().record_features(hidden, block)
+
+
+@record_features.register_fake
+def _record_features_fake(hidden, block):
+    return None
+
+
+# The tap's effect is on the runtime's buffers and nothing reads its (empty) output: declared
+# effectful, so that dead-code elimination keeps it.
+has_side_effect(torch.ops.specontext.record_features.default)
+
+OP_NAMES = ("attention", "retrieve", "sparse_attention", "prefetch_issue", "prefetch_wait", "record_features")
 
 
 def op(name: str):

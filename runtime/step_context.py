@@ -9,6 +9,8 @@ and (on CUDA) the copy stream. One forward is bracketed by begin() and end():
     ctx.end()                                          # the new tokens are now cached
 
 Prefill (T > 1) attends densely; decode (T == 1) attends over the selected rows (paper s.4-5).
+A fused retrieval head also reads the LLM's hidden states, which the graph's record_features taps
+hand over (runtime/head_features.py); for a prefill chunk its K rows are appended in end().
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from specontext_compiler.runtime import attention as ref
 from specontext_compiler.runtime import selection
+from specontext_compiler.runtime.head_features import HeadFeatures
 from specontext_compiler.runtime.kernel_set import KernelSet
 from specontext_compiler.runtime.kv_store import KVLayout, KVStore
 from specontext_compiler.runtime.prefetch import Prefetcher
@@ -53,8 +56,11 @@ class StepContext:
         self.last_indices = torch.full((layout.slots, layout.groups, layout.width), -1,
                                        dtype=torch.int32, device=layout.device)
         self.prefetcher = Prefetcher(store, self.kernels)
+        self.features = (HeadFeatures(head, layout.slots, layout.dtype, layout.device)
+                         if head is not None and head.fused else None)
         self._rows = slice(0, layout.slots)
         self._steps = 1
+        self._chunk_to_project = None    # a fused head's prefill chunk (input_ids, position_ids)
 
     @classmethod
     def for_model(cls, spec, batch: int, max_len: int, budget: int, sink_tokens: int = 1,
@@ -86,9 +92,18 @@ class StepContext:
         self._steps = steps
         self.starts[self._rows].copy_(self.cache_len[self._rows])
         self.prefetcher.new_step()
+        self._chunk_to_project = None
+        if self.features is not None:
+            self.features.drop_chunk()
 
     def end(self) -> None:
-        """The forward is done: its tokens count as cached."""
+        """The forward is done: its tokens count as cached (a fused head's prefill K rows added now)."""
+        if self._chunk_to_project is not None:
+            input_ids, position_ids = self._chunk_to_project
+            self._chunk_to_project = None
+            with torch.inference_mode():
+                k = self.features.project_chunk(input_ids, position_ids, self._rows)
+                self._append_head(k, self.starts[self._rows])
         self.cache_len[self._rows] += self._steps
 
     def reset_slot(self, slot: int) -> None:
@@ -96,6 +111,8 @@ class StepContext:
         self.cache_len[slot] = 0
         self.last_indices[slot].fill_(-1)
         self.store.reset_slot(slot)
+        if self.features is not None:
+            self.features.reset(slot)
 
     # -- the ops -----------------------------------------------------------------------------
     def dense_attention(self, q, k, v, layer: int, scaling: float) -> torch.Tensor:
@@ -115,7 +132,9 @@ class StepContext:
         rows, starts = self._rows, self.starts[self._rows]
         batch, lay = input_ids.shape[0], self.store.layout
         if self._steps > 1:                          # prefill attends densely: only feed the head's K
-            if self.head is not None:
+            if self.features is not None:            # needs this chunk's hidden states: in end()
+                self._chunk_to_project = (input_ids, position_ids)
+            elif self.head is not None:
                 self._append_head(self.head.project(input_ids, position_ids)[1], starts)
             out = torch.full((batch, lay.groups, lay.width), -1, dtype=torch.int32, device=input_ids.device)
         elif self.config.width >= lay.max_len:
@@ -124,7 +143,8 @@ class StepContext:
             out = self.kernels.select(torch.zeros(batch, lay.groups, lay.max_len, device=input_ids.device),
                                       starts, self.config)
         else:
-            q, k = self.head.project(input_ids, position_ids)
+            previous = self.features.previous(rows) if self.features is not None else None
+            q, k = self.head.project(input_ids, position_ids, previous)
             self._append_head(k, starts)
             scores = self.kernels.group_scores(q[:, :, -1], self.store.head_k[rows], starts,
                                                self.head.scaling, lay.groups)
@@ -147,6 +167,13 @@ class StepContext:
         out = self.kernels.sparse_decode(q[:, :, 0], k_src, v_src, src_rows, k[:, :, 0], v[:, :, 0], scaling)
         self._append(kv, k, v, starts)        # after attending: the new token is passed directly
         return out.unsqueeze(1)
+
+    def record_features(self, hidden, block: int) -> None:
+        """specontext::record_features: the hidden state entering a fused head's feature layer."""
+        if self.features is None:
+            raise RuntimeError("the graph taps the LLM's hidden states for a fused retrieval head, but this "
+                               "step context's head is not fused; bind the head the plan was compiled with")
+        self.features.record(hidden, block, self._rows, decode=self._steps == 1)
 
     def prefetch_issue(self, indices, layer: int) -> torch.Tensor:
         """specontext::prefetch_issue: start the elastic load of an offloaded layer."""

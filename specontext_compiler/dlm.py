@@ -1,9 +1,10 @@
 """Extract the retrieval head from a distilled model (DLM) or from the LLM itself (paper s.4.1, s.4.3).
 
 Sources: a local HF directory (safetensors or .bin, read lazily: only the kept tensors load), a GGUF
-file (dequantized once through smollm2.load_causal_lm), an HF model in memory, or "self" / "self:N"
+file (dequantized once through smollm2.load_causal_lm), an HF model in memory, "self" / "self:N"
 (the LLM's own embedding + layer N's input norm and Q/K projections: an honest stand-in when no
-DLM is available).
+DLM is available), or a RetrievalHead .safetensors file (`RetrievalHead.save`; the only source of
+fused heads, which also read the LLM's hidden states: its size and layers are checked here).
 
 Head-level selection needs the head's query heads to stand for the LLM's: the head must have as many
 query heads as the LLM. Then its scores group by the LLM's KV heads (GQA/MQA) or stay per head
@@ -29,20 +30,27 @@ from specontext_compiler.runtime.retrieval_head import RetrievalHead
 EMBED = "model.embed_tokens.weight"
 LAYER = "model.layers.{layer}."
 EAGLE3_LAYER = "midlayer."
+HEAD_FILE_SUFFIX = ".safetensors"
 
 
 # -- LLM geometry -------------------------------------------------------------------------------
 def llm_geometry(llm: Any) -> dict:
-    """num_heads, num_kv_heads, kind (mha/gqa/mqa/mla), max_positions of the LLM (spec, config, model, dir)."""
+    """num_heads, num_kv_heads, kind (mha/gqa/mqa/mla), max_positions, hidden_size, vocab_size, num_layers.
+
+    Of the LLM given as a ModelSpec, a config (object or dict), a model or a directory.
+    """
     if hasattr(llm, "attention_kind"):                                 # ModelSpec
         return {"num_heads": llm.num_heads, "num_kv_heads": llm.num_kv_heads,
-                "kind": llm.attention_kind, "max_positions": llm.max_positions}
+                "kind": llm.attention_kind, "max_positions": llm.max_positions,
+                "hidden_size": llm.hidden_size, "vocab_size": llm.vocab_size, "num_layers": llm.num_layers}
     config = _config_dict(llm)
     heads = int(config["num_attention_heads"])
     kv = int(config.get("num_key_value_heads") or heads)
     kind = "mla" if config.get("kv_lora_rank") else "mha" if kv == heads else "mqa" if kv == 1 else "gqa"
     return {"num_heads": heads, "num_kv_heads": kv, "kind": kind,
-            "max_positions": int(config.get("max_position_embeddings", 2048))}
+            "max_positions": int(config.get("max_position_embeddings", 2048)),
+            "hidden_size": config.get("hidden_size"), "vocab_size": config.get("vocab_size"),
+            "num_layers": config.get("num_hidden_layers")}
 
 
 def _config_dict(obj: Any) -> dict:
@@ -167,7 +175,7 @@ def _open(obj: Any) -> tuple[_Tensors, dict, str]:
 def extract_retrieval_head(dlm: Any, llm_spec_or_config: Any, layer: int | None = None, *,
                            llm: Any = None, level: str = "head",
                            extend_to: int | None = None) -> tuple[RetrievalHead, dict]:
-    """(RetrievalHead, report) from a DLM, or from the LLM itself with dlm="self" / "self:N".
+    """(RetrievalHead, report) from a DLM, a head file, or the LLM itself with dlm="self" / "self:N".
 
     llm_spec_or_config: the LLM's ModelSpec / HF config / HF model / directory (its geometry).
     llm: the LLM's weights (HF model or directory) for "self" heads and for a shared embedding;
@@ -177,34 +185,12 @@ def extract_retrieval_head(dlm: Any, llm_spec_or_config: Any, layer: int | None 
     geometry = llm_geometry(llm_spec_or_config)
     weights_src = llm if llm is not None else (
         llm_spec_or_config if isinstance(llm_spec_or_config, (torch.nn.Module, str, os.PathLike)) else None)
-    notes: list[str] = []
     if isinstance(dlm, str) and (dlm == "self" or dlm.startswith("self:")):
-        if weights_src is None:
-            raise ModelError("a 'self' retrieval head needs the LLM's weights; pass llm= (an HF model or directory)")
-        if geometry["kind"] == "mla":
-            raise ModelError("a 'self' head cannot be derived from an MLA model (no plain q/k projections); "
-                             "pass a distilled model as the DLM")
-        layer = int(dlm.split(":")[1]) if ":" in dlm else (layer or 0)
-        tensors, config, _ = _open(weights_src)
-        head = _head_from(tensors, config, LAYER.format(layer=layer), eagle3=False, embedding=None,
-                          embedding_name=EMBED, source=f"self:{layer}", layer=layer)
-        kind = "self"
-        notes.append(f"self-derived: the LLM's embedding + layer {layer}'s input norm and Q/K projections")
+        head, kind, dlm_params, notes = _self_head(dlm, layer, weights_src, geometry)
+    elif is_head_file(dlm):
+        head, kind, dlm_params, notes = _file_head(dlm, geometry)
     else:
-        tensors, config, kind = _open(dlm)
-        eagle3 = EAGLE3_LAYER + "self_attn.q_proj.weight" in tensors.names()
-        prefix = EAGLE3_LAYER if eagle3 else LAYER.format(layer=layer or 0)
-        embed_name = next((n for n in (EMBED, "embed_tokens.weight") if n in tensors.names()), None)
-        embedding = tensors.get(embed_name) if embed_name else None
-        head = _head_from(tensors, config, prefix, eagle3=eagle3, embedding=embedding,
-                          embedding_name=embed_name or EMBED, source=str(dlm if kind != "hf-model" else "hf-model"),
-                          layer=0 if eagle3 else (layer or 0))
-        if eagle3:
-            kind = "eagle3-embedding-half"
-            notes.append("EAGLE-3 draft: kept q/k columns acting on the embedding only; the fc(target hidden "
-                         "states) half is dropped (approximation: the paper's head also sees hidden states)")
-        if embedding is None:
-            notes.append("DLM has no embedding table: shares the LLM's")
+        head, kind, dlm_params, notes = _dlm_head(dlm, layer)
     if head.embedding is None and weights_src is not None:
         llm_tensors = _open(weights_src)[0]
         head.attach_embedding(llm_tensors.get(EMBED))
@@ -215,7 +201,73 @@ def extract_retrieval_head(dlm: Any, llm_spec_or_config: Any, layer: int | None 
         head.set_rope(head.rope | {"rope_type": "yarn", "factor": factor,
                                    "original_max_position_embeddings": head.max_position_embeddings})
         notes.append(f"RoPE extended with YaRN x{factor:g} to {extend_to} positions")
-    return head, _report(head, tensors.total_params, kind, level, geometry, notes)
+    return head, _report(head, dlm_params, kind, level, geometry, notes)
+
+
+def is_head_file(dlm: Any) -> bool:
+    """True for a path to a RetrievalHead .safetensors file (as `RetrievalHead.save` writes)."""
+    return isinstance(dlm, (str, os.PathLike)) and Path(dlm).suffix == HEAD_FILE_SUFFIX
+
+
+def _self_head(dlm: str, layer: int | None, weights_src: Any, geometry: dict):
+    """The LLM's own embedding + layer N's input norm and Q/K projections."""
+    if weights_src is None:
+        raise ModelError("a 'self' retrieval head needs the LLM's weights; pass llm= (an HF model or directory)")
+    if geometry["kind"] == "mla":
+        raise ModelError("a 'self' head cannot be derived from an MLA model (no plain q/k projections); "
+                         "pass a distilled model as the DLM")
+    layer = int(dlm.split(":")[1]) if ":" in dlm else (layer or 0)
+    tensors, config, _ = _open(weights_src)
+    head = _head_from(tensors, config, LAYER.format(layer=layer), eagle3=False, embedding=None,
+                      embedding_name=EMBED, source=f"self:{layer}", layer=layer)
+    notes = [f"self-derived: the LLM's embedding + layer {layer}'s input norm and Q/K projections"]
+    return head, "self", tensors.total_params, notes
+
+
+def _dlm_head(dlm: Any, layer: int | None):
+    """The head of a distilled model: a directory, a GGUF file or an HF model in memory."""
+    tensors, config, kind = _open(dlm)
+    eagle3 = EAGLE3_LAYER + "self_attn.q_proj.weight" in tensors.names()
+    prefix = EAGLE3_LAYER if eagle3 else LAYER.format(layer=layer or 0)
+    embed_name = next((n for n in (EMBED, "embed_tokens.weight") if n in tensors.names()), None)
+    embedding = tensors.get(embed_name) if embed_name else None
+    head = _head_from(tensors, config, prefix, eagle3=eagle3, embedding=embedding,
+                      embedding_name=embed_name or EMBED, source=str(dlm if kind != "hf-model" else "hf-model"),
+                      layer=0 if eagle3 else (layer or 0))
+    notes = []
+    if eagle3:
+        kind = "eagle3-embedding-half"
+        notes.append("EAGLE-3 draft: kept q/k columns acting on the embedding only; the fc(target hidden "
+                     "states) half is dropped (approximation: the paper's head also sees hidden states)")
+    if embedding is None:
+        notes.append("DLM has no embedding table: shares the LLM's")
+    return head, kind, tensors.total_params, notes
+
+
+def _file_head(path: Any, geometry: dict):
+    """A saved RetrievalHead; its DLM is not at hand, so the report has no DLM size."""
+    head = RetrievalHead.load(path)
+    _check_head_file(head, geometry, path)
+    notes = [f"retrieval head file {Path(path).name}"]
+    if head.fused:
+        notes.append(f"fused: also reads the LLM's hidden states entering layers {list(head.feature_layers)}")
+    return head, "head-file", None, notes
+
+
+def _check_head_file(head: RetrievalHead, geometry: dict, path: Any) -> None:
+    """A head file reads the LLM's tokens (and hidden states, if fused): its sizes must be the LLM's."""
+    wanted = {"vocab_size": geometry.get("vocab_size")}
+    if head.embedding_shared or head.fused:
+        wanted["hidden_size"] = geometry.get("hidden_size")
+    for name, llm_value in wanted.items():
+        if llm_value is not None and getattr(head, name) != int(llm_value):
+            raise ModelError(f"retrieval head {Path(path).name} has {name} {getattr(head, name)}, the LLM "
+                             f"{llm_value}: it was made for another model")
+    layers = geometry.get("num_layers")
+    beyond = [i for i in head.feature_layers if layers is not None and not 0 <= i < int(layers)]
+    if beyond:
+        raise ModelError(f"retrieval head {Path(path).name} reads hidden states entering layers {beyond}, "
+                         f"the LLM has layers 0..{int(layers) - 1}: it was made for another model")
 
 
 def _check_geometry(head: RetrievalHead, geometry: dict, level: str) -> None:
@@ -226,14 +278,19 @@ def _check_geometry(head: RetrievalHead, geometry: dict, level: str) -> None:
                          "head-level selection cannot map them; use level='batch' or a matching DLM")
 
 
-def _report(head: RetrievalHead, dlm_params: int, kind: str, level: str, geometry: dict,
+def _report(head: RetrievalHead, dlm_params: int | None, kind: str, level: str, geometry: dict,
             notes: list[str]) -> dict:
+    """What was kept; dlm_params None (a head file) leaves the reductions unknown."""
     kept, kept_with_embed = head.param_count(include_embedding=False), head.param_count(include_embedding=True)
+
+    def reduction(count: int) -> float | None:
+        return None if dlm_params is None else 1 - count / dlm_params
+
     return {
         "source": head.source, "kind": kind, "layer": head.layer, "level": level,
         "llm_attention": geometry["kind"], "selection_groups": head.selection_kv_heads if level == "head" else 1,
         "dlm_params": dlm_params, "head_params": kept, "head_params_with_embedding": kept_with_embed,
         "embedding_shared": head.embedding_shared,
-        "reduction": 1 - kept / dlm_params, "reduction_with_embedding": 1 - kept_with_embed / dlm_params,
-        "rope": head.rope, "notes": notes,
+        "reduction": reduction(kept), "reduction_with_embedding": reduction(kept_with_embed),
+        "feature_layers": list(head.feature_layers), "rope": head.rope, "notes": notes,
     }

@@ -7,6 +7,7 @@ so far)`, so the CLI can show rich progress; the plan is written atomically at t
 from __future__ import annotations
 
 import platform
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -17,7 +18,8 @@ from specontext_compiler.runtime.plan import SCHEMA_VERSION, Plan, PrefetchSlot,
 from specontext_compiler.sizes import parse_tokens
 
 Progress = Callable[[str, float], None]
-STAGES = ("load model", "plan (ILP)", "export", "passes", "retrieval head", "codegen", "write")
+STAGES = ("load model", "plan (ILP)", "retrieval head", "export", "passes", "codegen", "write")
+HEAD_FILE = "retrieval_head.safetensors"
 
 
 def compile_model(model: str, target: str = "a100", max_len: int | str = "128k", *,
@@ -48,16 +50,17 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     solution = plan_residency(spec, workload, hw, batch=_parse_batch(batch))
     offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
 
+    clock.stage("retrieval head")       # before the passes: a fused head decides which states to tap
+    head_info, files = _retrieval_head(dlm, source, spec)
+
     clock.stage("export")
     captured = _capture(source.config)
 
     clock.stage("passes")
     from specontext_compiler.pipeline import run_pipeline
     schedule = {layer: issue for layer, issue in solution.schedule}
-    graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, schedule)
-
-    clock.stage("retrieval head")
-    head_info, files = _retrieval_head(dlm, source, spec)
+    graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, schedule,
+                                              feature_layers=head_info["feature_layers"])
 
     clock.stage("codegen")
     from specontext_compiler.codegen.emit_graph import emit_graph_source
@@ -119,14 +122,23 @@ def _capture(config):
 
 
 def _retrieval_head(dlm: str | None, source, spec) -> tuple[dict, dict[str, bytes]]:
-    """Extract the retrieval head when a DLM is given; else the LLM's own layer 0 at bind time."""
+    """Extract the retrieval head when a DLM is given; else the LLM's own layer 0 at bind time.
+
+    The head is stored in the plan (HEAD_FILE); a shared embedding is attached from the LLM's
+    weights at bind time. feature_layers (a fused head's) say which hidden states the graph taps.
+    """
     if dlm is None:
-        return {"source": "self:0", "layer": 0, "file": None,
+        return {"source": "self:0", "layer": 0, "file": None, "feature_layers": [],
                 "note": "self-derived: the LLM's layer-0 embedding, norm and Q/K projections, built at bind time"}, {}
     from specontext_compiler.dlm import extract_retrieval_head
     head, report = extract_retrieval_head(dlm, source.config)
-    return {**report, "source": str(dlm), "file": "retrieval_head.safetensors"}, \
-        {"retrieval_head.safetensors": head.to_bytes()}
+    return {**report, "source": str(dlm), "file": HEAD_FILE}, {HEAD_FILE: _head_bytes(head)}
+
+
+def _head_bytes(head) -> bytes:
+    """The head as `RetrievalHead.save` writes it (safetensors), for the plan directory."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return head.save(Path(scratch) / HEAD_FILE).read_bytes()
 
 
 def _workload_fields(workload, solution, source) -> dict:

@@ -14,6 +14,7 @@ from torch.fx import GraphModule
 from specontext_compiler.passes.clean_capture import CleanCapture
 from specontext_compiler.passes.common import PassError, count_ops
 from specontext_compiler.passes.find_attention import FindAttention
+from specontext_compiler.passes.insert_feature_taps import InsertFeatureTaps
 from specontext_compiler.passes.insert_prefetch import InsertPrefetch
 from specontext_compiler.passes.insert_retrieval_head import InsertRetrievalHead
 from specontext_compiler.passes.rewrite_sparse_attention import RewriteSparseAttention
@@ -22,26 +23,30 @@ Progress = Callable[[str, float], None]
 
 
 def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *, budget: int | None = None,
-                 sink_tokens: int | None = None, recent_tokens: int | None = None) -> list:
-    """The pipeline, in order."""
+                 sink_tokens: int | None = None, recent_tokens: int | None = None,
+                 feature_layers: Iterable[int] = ()) -> list:
+    """The pipeline, in order (feature_layers: a fused head's; none for a plain head)."""
     return [
         CleanCapture(),
         FindAttention(),
         InsertRetrievalHead(),
+        InsertFeatureTaps(feature_layers),
         RewriteSparseAttention(budget, sink_tokens, recent_tokens),
         InsertPrefetch(offloaded_layers, schedule),
     ]
 
 
 def run_pipeline(gm: GraphModule, offloaded_layers: Iterable[int] = (), schedule: dict[int, int] | None = None,
-                 progress: Progress | None = None, **selection) -> tuple[GraphModule, list[dict]]:
+                 progress: Progress | None = None, feature_layers: Iterable[int] = (),
+                 **selection) -> tuple[GraphModule, list[dict]]:
     """Run every pass on gm; returns the graph and [{pass, seconds, counters, nodes}] per pass.
 
     offloaded_layers: layers whose KV lives in host memory; schedule: {layer: issue_before_layer};
+    feature_layers: the hidden states a fused retrieval head reads (taps inserted for them);
     selection: optional budget / sink_tokens / recent_tokens recorded for the report.
     """
     records, done = [], []
-    for graph_pass in build_passes(offloaded_layers, schedule or {}, **selection):
+    for graph_pass in build_passes(offloaded_layers, schedule or {}, feature_layers=feature_layers, **selection):
         name = type(graph_pass).__name__
         start = time.perf_counter()
         try:

@@ -30,3 +30,27 @@ def _seed():
     import torch
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def make_fused_head():
+    """Builder of a fused retrieval head shaped for an HF config (same query heads, shared
+    embedding), with random weights: make_fused_head(config, feature_layers)."""
+    import torch
+
+    from specontext_compiler.runtime.retrieval_head import RetrievalHead
+
+    def build(config, feature_layers):
+        hidden, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        dim, width = getattr(config, "head_dim", None) or hidden // heads, len(feature_layers) * hidden
+        return RetrievalHead(
+            embedding=None, norm_weight=1 + 0.1 * torch.randn(hidden),
+            q_weight=torch.randn(heads * dim, 2 * hidden) / hidden ** 0.5,
+            k_weight=torch.randn(kv * dim, 2 * hidden) / hidden ** 0.5,
+            num_heads=heads, num_kv_heads=kv, head_dim=dim, norm_eps=config.rms_norm_eps,
+            rope=dict(getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}),
+            max_position_embeddings=config.max_position_embeddings, embedding_shared=True,
+            vocab_size=config.vocab_size, source="random-fused", feature_layers=feature_layers,
+            fc_weight=torch.randn(hidden, width) / width ** 0.5, feature_norm_weight=1 + 0.1 * torch.randn(width))
+
+    return build

@@ -241,6 +241,29 @@ def test_real_compile_then_inspect(tmp_path):
     assert shown.exit_code == 0 and f"{len(plan.segments[-1].gpu_layers)}/{plan.model['num_layers']}" in shown.stdout
 
 
+def test_real_compile_with_a_fused_head_file(tmp_path, make_fused_head):
+    from specontext_compiler.models import load_preset_config
+    from specontext_compiler.runtime.retrieval_head import RetrievalHead
+    head_path = make_fused_head(load_preset_config("tiny-llama"), (0, 2)).save(tmp_path / "head.safetensors")
+    out = tmp_path / "fused"
+    result = invoke("compile", "tiny-llama", "--max-len", "2k", "--dlm", str(head_path), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    plan = load_plan(out)
+    assert plan.retrieval_head["feature_layers"] == [0, 2]
+    assert plan.graph["op_counts"]["specontext.record_features.default"] == 2
+    assert RetrievalHead.load(out / plan.retrieval_head["file"]).feature_layers == (0, 2)
+
+
+def test_real_compile_with_a_head_file_for_another_model(tmp_path, make_fused_head):
+    from transformers import LlamaConfig
+    other = LlamaConfig(vocab_size=256, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=3, max_position_embeddings=2048)
+    head_path = make_fused_head(other, (0, 2)).save(tmp_path / "other.safetensors")
+    result = invoke("compile", "tiny-llama", "--max-len", "2k", "--dlm", str(head_path), "-o", str(tmp_path / "p"))
+    assert_one_line_error(result, "other.safetensors", "hidden_size 32, the LLM 64")
+    assert not (tmp_path / "p").exists()
+
+
 def test_real_compile_unknown_target(tmp_path):
     result = invoke("compile", "tiny-llama", "--max-len", "2k", "--target", "z9000", "-o", str(tmp_path / "p"))
     assert_one_line_error(result, "z9000")

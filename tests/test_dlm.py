@@ -91,3 +91,28 @@ def test_geometry_kinds_and_bad_sources(llama):
         extract_retrieval_head("self", llama.config)
     with pytest.raises(ModelError):
         extract_retrieval_head("/nonexistent/dlm", llama)
+
+
+def test_head_file_keeps_a_fused_head_and_its_geometry(llama, tmp_path, make_fused_head):
+    saved = make_fused_head(llama.config, (0, 2))
+    path = saved.save(tmp_path / "fused.safetensors")
+    head, report = extract_retrieval_head(str(path), llama)
+    assert head.fused and head.feature_layers == (0, 2)
+    assert torch.equal(head.fc_weight, saved.fc_weight) and torch.equal(head.k_weight, saved.k_weight)
+    # the shared embedding comes from the LLM's weights
+    assert torch.equal(head.embedding, llama.model.embed_tokens.weight.detach())
+    assert report["kind"] == "head-file" and report["feature_layers"] == [0, 2]
+    assert report["head_params"] == saved.param_count() and report["dlm_params"] is None
+    assert report["reduction"] is None and report["selection_groups"] == 2
+
+
+def test_head_file_for_another_model_is_refused(llama, tmp_path, make_fused_head):
+    from transformers import LlamaConfig
+    wider = LlamaConfig(vocab_size=64, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=3, max_position_embeddings=128)
+    path = make_fused_head(wider, (1,)).save(tmp_path / "wide.safetensors")
+    with pytest.raises(ModelError, match="hidden_size 48, the LLM 32"):
+        extract_retrieval_head(str(path), llama.config)
+    deep = make_fused_head(llama.config, (1, 5)).save(tmp_path / "deep.safetensors")
+    with pytest.raises(ModelError, match=r"layers \[5\].*0..2"):
+        extract_retrieval_head(str(deep), llama.config)
