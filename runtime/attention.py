@@ -30,22 +30,15 @@ def dense_causal(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
 
 
 def _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling):
-    """The same on the GPU through PyTorch's fused SDPA (no [heads, T, S] logits in memory).
-
-    The chunk's T queries sit at the end of the S = start + T keys, so the causal mask is aligned
-    to the lower right: `causal_lower_right` says so without a materialized mask, which keeps SDPA
-    on its fused kernels (a boolean mask with enable_gqa fell back to the math kernel: a 32k-token
-    prefill ran at ~1.3k tokens/s on the H100). KV heads are expanded to the query heads for the
-    same reason; a 256-token chunk's copy is small next to the attention itself.
-    """
+    """The same on the GPU through PyTorch's fused SDPA (no [heads, T, S] logits in memory)."""
     import torch.nn.functional as F
-    from torch.nn.attention.bias import causal_lower_right
-    steps, group = q.shape[2], q.shape[1] // cache_k.shape[1]
+    steps = q.shape[2]
     outs = []
     for b in range(q.shape[0]):
         end = int(starts[b]) + steps
-        k = cache_k[b:b + 1, :, :end].repeat_interleave(group, dim=1)
-        v = cache_v[b:b + 1, :, :end].repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q[b:b + 1], k, v, attn_mask=causal_lower_right(steps, end), scale=scaling)
+        query_pos = torch.arange(end - steps, end, device=q.device).view(steps, 1)
+        mask = torch.arange(end, device=q.device).view(1, end) <= query_pos
+        out = F.scaled_dot_product_attention(q[b:b + 1], cache_k[b:b + 1, :, :end], cache_v[b:b + 1, :, :end],
+                                             attn_mask=mask, scale=scaling, enable_gqa=True)
         outs.append(out.transpose(1, 2))
     return torch.cat(outs).to(q.dtype)

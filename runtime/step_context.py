@@ -122,9 +122,7 @@ class StepContext:
         self._append(kv, k, v, starts)
         cache_k, cache_v = kv.k[self._rows], kv.v[self._rows]
         if kv.offloaded:   # prefill into an offloaded layer: bring its history over for this chunk
-            end = int(starts.max()) + q.shape[2]
-            cache_k = cache_k[:, :, :end].to(q.device, non_blocking=True)
-            cache_v = cache_v[:, :, :end].to(q.device, non_blocking=True)
+            cache_k, cache_v = kv.history(self._rows, int(starts.max()) + q.shape[2], q.device)
         return ref.dense_causal(q, cache_k, cache_v, starts, scaling)
 
     def retrieve(self, input_ids, position_ids) -> torch.Tensor:

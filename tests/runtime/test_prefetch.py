@@ -129,3 +129,16 @@ def test_a_second_selection_in_one_step_is_refused():
     # The shared diff is only right for the indices it was computed from.
     with pytest.raises(ValueError, match="one selection per step"):
         fetcher.issue(2, _selection(), slice(0, SLOTS))
+
+
+def test_offloaded_history_comes_back_exactly_for_the_requested_rows():
+    from specontext_compiler.runtime.kv_store import KVLayout, LayerKV
+    layout = KVLayout(num_layers=1, slots=3, max_len=20, num_kv_heads=2, head_dim=4, v_head_dim=3, width=5,
+                      groups=2, dtype=torch.float32, device=torch.device("cpu"))
+    layer = LayerKV(layout, capacity=20, offloaded=True)
+    layer.k.copy_(torch.randn_like(layer.k))
+    layer.v.copy_(torch.randn_like(layer.v))
+    k, v = layer.history(slice(1, 3), 7, torch.device("meta"))     # another device: the per-head copy path
+    assert k.shape == (2, 2, 7, 4) and v.shape == (2, 2, 7, 3) and k.device.type == "meta"
+    k, v = layer.history(slice(1, 3), 7, torch.device("cpu"))      # same device: a view
+    assert torch.equal(k, layer.k[1:3, :, :7]) and torch.equal(v, layer.v[1:3, :, :7])
