@@ -1,4 +1,4 @@
-"""The `specontext` command line: compile, inspect, targets, run, eval.
+"""The `specontext` command line: compile, inspect, targets, run, eval, distill.
 
 Each command parses its options, calls one library function and renders the result; user errors
 (SpecontextError) and a missing optional dependency become one line on stderr and exit 2, here
@@ -350,6 +350,84 @@ def eval_cmd(
         typer.echo(runner.to_json(result))
     else:
         runner.render_table(result, _out())
+
+
+# -- distill ------------------------------------------------------------------------------------
+def _check_distill_options(out: Path, **counts: int) -> None:
+    """Refuse bad input before the (slow) model load: counts must be positive, out writable."""
+    for option, value in counts.items():
+        if value < 1:
+            raise SpecontextError(f"--{option.replace('_', '-')} {value} must be a positive integer")
+    if out.suffix != ".safetensors":
+        raise SpecontextError(f"output {out} must end in .safetensors (how --dlm recognizes a head file)")
+    if not out.parent.is_dir():
+        raise SpecontextError(f"output directory {out.parent} does not exist; create it first")
+
+
+def _save_atomically(head: Any, out: Path) -> None:
+    """Write the head beside `out`, then rename: a crash never leaves a half-written head file."""
+    import os
+    import tempfile
+    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+    os.close(handle)
+    try:
+        head.save(temporary)
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _distill_summary(report: dict, out: Path) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    recall_keys = [key for key in report["after"] if key.startswith("recall@")]
+    rows = [("head", str(out)),
+            ("source", report["source"]),
+            ("params", f"{report['params']:,} (feature layers {report['feature_layers']})"),
+            ("data", f"{report['train_sequences']} training + {report['validation_sequences']} validation "
+                     f"sequences of {report['seq_len']} tokens, {report['epochs']} epochs"),
+            ("validation loss", f"{report['before']['loss']:.4f} -> {report['after']['loss']:.4f}")]
+    rows += [(f"validation {key}", f"{report['before'][key]:.3f} -> {report['after'][key]:.3f}")
+             for key in recall_keys]
+    rows.append(("time", f"teacher {report['collect_s']:.1f} s, training {report['train_s']:.1f} s"))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@app.command("distill")
+@_edge
+def distill_cmd(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="'smollm2', a local HF model directory or a GGUF file: the LLM to distill from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="HEAD.safetensors", help="Retrieval-head file to write (replaced atomically); pass it to --dlm.")],
+    sequences: Annotated[int, typer.Option("--sequences", metavar="N", help="Training sequences (one in 8 held out for validation).")] = 48,
+    seq_len: Annotated[int, typer.Option("--seq-len", metavar="TOKENS", help="Length of each training sequence, in tokens.")] = 2048,
+    epochs: Annotated[int, typer.Option("--epochs", metavar="E", help="Passes over the training sequences.")] = 8,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="K", help="CPU threads for torch. Default: torch's choice.")] = None,
+) -> None:
+    """Distill a fused retrieval head from MODEL's own attention (CPU is fine; minutes for SmolLM2).
+
+    Example: specontext distill smollm2 -o heads/smollm2-fused.safetensors --sequences 48 --epochs 8
+    """
+    _check_distill_options(out, sequences=sequences, seq_len=seq_len, epochs=epochs,
+                           **({"threads": threads} if threads is not None else {}))
+    import torch
+
+    from specontext_compiler.distill import distill_retrieval_head
+    from specontext_compiler.smollm2 import load_causal_lm
+    if threads is not None:
+        torch.set_num_threads(threads)
+    llm, tokenizer, _ = load_causal_lm(model)
+    err = Console(stderr=True, highlight=False)
+    name = Path(model.rstrip("/")).name or model
+    head, report = distill_retrieval_head(llm, tokenizer, sequences=sequences, seq_len=seq_len, epochs=epochs,
+                                          name=name, progress=lambda line: err.print(f"[dim]{line}[/dim]"))
+    _save_atomically(head, out)
+    console = _out()
+    console.print(_distill_summary(report, out))
+    console.print(f"[dim]use it: specontext compile {model} --dlm {out}[/dim]")
 
 
 def main() -> None:

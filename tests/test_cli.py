@@ -20,7 +20,7 @@ _spec.loader.exec_module(_fixture)
 make_plan = _fixture.make_plan
 
 runner = CliRunner()
-COMMANDS = ["compile", "inspect", "targets", "run", "eval"]
+COMMANDS = ["compile", "inspect", "targets", "run", "eval", "distill"]
 
 
 def invoke(*args: str, **kwargs):

@@ -1,0 +1,91 @@
+"""Distill a fused retrieval head from an LLM's own attention (paper s.4.1, Eq. 2).
+
+`distill_retrieval_head(model, tokenizer)` builds training text (`corpus`), records the LLM's
+attention and hidden states on it (`teacher`), and fits an EAGLE-3 style fused head that starts
+from the LLM's layer-0 head (`train`). The result saves with `RetrievalHead.save` and serves as
+`--dlm HEAD.safetensors`; `specontext distill` is the command line for it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from specontext_compiler.errors import SpecontextError
+
+RECENT_TOKENS = 16          # the always-attended recent window the teacher leaves out
+QUERIES_PER_SEQUENCE = 256
+MIN_CONTEXT = 64            # a query needs this many selectable keys to teach anything
+VALIDATION_FRACTION = 8     # one sequence in 8 is held out (6 of the default 48)
+
+
+def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low/middle/high layers (outputs of 2, L//2, L-3) as hidden-state indices."""
+    layers = (3, num_layers // 2 + 1, num_layers - 2)
+    if not layers[0] < layers[1] < layers[2]:
+        raise SpecontextError(f"a model with {num_layers} layers is too shallow for the default feature "
+                              "layers (3, L//2+1, L-2); pass feature_layers")
+    return layers
+
+
+def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: int = 2048,
+                           feature_layers: tuple[int, ...] | None = None, epochs: int = 8, lr: float = 3e-3,
+                           seed: int = 0, progress: Callable[[str], None] | None = None,
+                           name: str | None = None, queries: int = QUERIES_PER_SEQUENCE,
+                           recent: int = RECENT_TOKENS):
+    """(fused RetrievalHead, report) distilled from an HF causal LM's attention on stdlib prose.
+
+    feature_layers: HF output_hidden_states indices the head reads (default_feature_layers).
+    name: the model's name in the head's source ("distilled:<name>"); default: the model's path.
+    progress: called with one line per stage and per epoch.
+    """
+    import torch
+
+    from specontext_compiler.distill import corpus, teacher, train
+    from specontext_compiler.dlm import extract_retrieval_head
+
+    config = model.config
+    layers = tuple(feature_layers) if feature_layers is not None else default_feature_layers(
+        config.num_hidden_layers)
+    _check_arguments(config, sequences=sequences, seq_len=seq_len, epochs=epochs, lr=lr,
+                     feature_layers=layers)
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    samples = []
+    for index, (ids, must) in enumerate(corpus.training_sequences(tokenizer, sequences, seq_len, seed)):
+        positions = teacher.query_positions(seq_len, queries, must, recent, MIN_CONTEXT, seed + index)
+        samples.append(teacher.collect(model, torch.tensor(ids), positions, layers, recent))
+        say(f"teacher: sequence {index + 1}/{sequences}")
+    collect_s = time.perf_counter() - started
+    held_out = max(1, sequences // VALIDATION_FRACTION)
+    base, _ = extract_retrieval_head("self:0", model, llm=model)
+    head, history = train.fit(base, samples[:-held_out], samples[-held_out:], feature_layers=layers,
+                              epochs=epochs, lr=lr, seed=seed, recent=recent, progress=say)
+    head.source, head.layer = f"distilled:{name or _model_name(model)}", 0
+    report = {"source": head.source, "params": head.param_count(), "feature_layers": list(layers),
+              "sequences": sequences, "train_sequences": sequences - held_out,
+              "validation_sequences": held_out, "seq_len": seq_len, "epochs": epochs, "lr": lr,
+              "before": history[0], "after": history[-1], "history": history,
+              "collect_s": collect_s, "train_s": time.perf_counter() - started - collect_s}
+    return head, report
+
+
+def _check_arguments(config, *, sequences: int, seq_len: int, epochs: int, lr: float,
+                     feature_layers: tuple[int, ...]) -> None:
+    if sequences < 2:
+        raise SpecontextError(f"sequences={sequences}: need at least 2 (one trains, one validates)")
+    if epochs < 1 or lr <= 0:
+        raise SpecontextError(f"epochs={epochs}, lr={lr}: both must be positive")
+    if seq_len > config.max_position_embeddings:
+        raise SpecontextError(f"seq_len={seq_len} exceeds the model's {config.max_position_embeddings} positions")
+    if not feature_layers or not all(0 <= i <= config.num_hidden_layers for i in feature_layers):
+        raise SpecontextError(f"feature_layers {list(feature_layers)} must be hidden-state indices in "
+                              f"0..{config.num_hidden_layers}")
+
+
+def _model_name(model) -> str:
+    path = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
+    return Path(path.rstrip("/")).name or getattr(model.config, "model_type", "model")
+
+
+__all__ = ["distill_retrieval_head", "default_feature_layers"]

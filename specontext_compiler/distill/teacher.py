@@ -1,0 +1,96 @@
+"""The teacher signal: which keys the LLM attends to, at sampled query positions (paper Eq. 2).
+
+One dense forward per sequence with a capture hook on every layer's post-RoPE q and k gives, at P
+query positions, each layer's softmax attention per query head. Selection never picks the sink
+token 0 or the recent window (both are always attended), so each row is renormalized over the
+selectable keys only; the teacher is the maximum over layers, renormalized again: a key matters if
+any layer needs it, since one selection serves them all. The same forward yields the hidden states
+that a fused head reads (`feature_layers`, HF output_hidden_states indices). Stored in fp16.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from specontext_compiler.errors import SpecontextError
+from specontext_compiler.eval import sparse_attention
+
+
+@dataclass
+class TeacherSample:
+    """One sequence: ids [T], query positions [P], teacher [Hq, P, T] (rows sum to 1 over the
+    selectable keys, zero elsewhere), features [T, F*H] (the LLM's hidden states at each position)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    teacher: torch.Tensor
+    features: torch.Tensor
+
+
+def selectable_keys(positions: torch.Tensor, seq_len: int, recent: int) -> torch.Tensor:
+    """[P, T] bool: keys a query at each position can select (not token 0, not the last `recent`)."""
+    keys = torch.arange(seq_len)[None, :]
+    return (keys >= 1) & (keys < positions[:, None] - recent + 1)
+
+
+def query_positions(seq_len: int, count: int, must: list[int], recent: int, min_context: int,
+                    seed: int) -> torch.Tensor:
+    """Sorted query positions: every `must` position that has min_context selectable keys, and
+    random others up to `count`."""
+    first = recent + min_context
+    if first >= seq_len:
+        raise SpecontextError(f"sequences of {seq_len} tokens leave no query with {min_context} selectable "
+                              f"keys before the recent window of {recent}; use a longer sequence")
+    kept = sorted({p for p in must if first <= p < seq_len})
+    taken = set(kept)
+    pool = [p for p in range(first, seq_len) if p not in taken]
+    extra = random.Random(seed).sample(pool, max(0, min(count - len(kept), len(pool))))
+    return torch.tensor(sorted(kept + extra))
+
+
+class _MaxOverLayers:
+    """Capture hook: keeps the running max over layers of renormalized attention at the queries."""
+
+    def __init__(self, positions: torch.Tensor, seq_len: int, recent: int, num_heads: int):
+        self.positions = positions
+        self.allowed = selectable_keys(positions, seq_len, recent)
+        self.causal = torch.arange(seq_len)[None, :] <= positions[:, None]
+        self.maximum = torch.zeros(num_heads, len(positions), seq_len)
+
+    def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        q = query[0, :, self.positions].float()                                   # [Hq, P, D]
+        k = key[0].float().repeat_interleave(q.shape[0] // key.shape[1], dim=0)   # [Hq, T, D]
+        logits = torch.einsum("hpd,htd->hpt", q, k) * q.shape[-1] ** -0.5
+        weights = logits.masked_fill(~self.causal, float("-inf")).softmax(-1) * self.allowed
+        torch.maximum(self.maximum, _renormalize(weights), out=self.maximum)
+
+    def teacher(self) -> torch.Tensor:
+        return _renormalize(self.maximum * self.allowed)
+
+
+def _renormalize(weights: torch.Tensor) -> torch.Tensor:
+    return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+@torch.no_grad()
+def collect(model, ids: torch.Tensor, positions: torch.Tensor, feature_layers: tuple[int, ...],
+            recent: int) -> TeacherSample:
+    """Run `model` densely over ids [T] once: the teacher at `positions` and the features."""
+    seq_len = len(ids)
+    if int(positions.min()) <= recent:
+        raise SpecontextError(f"query position {int(positions.min())} has no selectable key "
+                              f"(recent window {recent})")
+    hook = _MaxOverLayers(positions, seq_len, recent, model.config.num_attention_heads)
+    previous = getattr(model.config, "_attn_implementation", None)
+    sparse_attention.install(model)
+    try:
+        with sparse_attention.active(capture=hook):
+            out = model(input_ids=ids[None], use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    finally:
+        if previous and previous != sparse_attention.ATTN_NAME:
+            model.set_attn_implementation(previous)
+    features = torch.cat([out.hidden_states[i][0] for i in feature_layers], dim=-1)
+    return TeacherSample(ids=ids.clone(), positions=positions, teacher=hook.teacher().half(),
+                         features=features.half())

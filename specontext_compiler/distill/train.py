@@ -1,0 +1,148 @@
+"""Fit a fused retrieval head to the teacher (paper Eq. 2: KL from the LLM's attention).
+
+The student is a `RetrievalHead` itself, its tensors made trainable, so training and the runtime
+share one forward (`projection_input` + `qk_from_input`). It starts from a plain head (the LLM's
+embedding norm and layer 0's Q/K): the embedding half of the fused Q/K keeps those weights, the
+feature half and `fc` start small and random, so step 0 already scores like layer 0. The loss per
+query head is the cross-entropy of the teacher distribution against the head's log-softmax over the
+selectable keys (KL up to the teacher's entropy). Validation recall: the teacher mass inside the
+top-k keys of each selection group's max score, as `selection.select_tokens` picks them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from specontext_compiler.distill.teacher import TeacherSample, selectable_keys
+from specontext_compiler.runtime.retrieval_head import RetrievalHead
+
+RECALL_AT = (128, 512)
+FEATURE_INIT_SCALE = 0.1      # the feature half of Q/K starts at a tenth of nn.Linear's init
+
+
+def _linear_init(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
+    """nn.Linear's default init, U(-1/sqrt(in), 1/sqrt(in)), from an explicit generator."""
+    bound = 1 / math.sqrt(columns)
+    return (torch.rand(rows, columns, generator=generator) * 2 - 1) * bound
+
+
+def fused_student(base: RetrievalHead, feature_layers: tuple[int, ...], seed: int) -> RetrievalHead:
+    """A fused head whose embedding half is `base` (a plain head) and whose feature half is fresh."""
+    hidden, generator = base.hidden_size, torch.Generator().manual_seed(seed)
+    width = len(feature_layers) * hidden
+
+    def widen(weight: torch.Tensor) -> torch.Tensor:
+        fresh = _linear_init(weight.shape[0], 2 * hidden, generator)[:, hidden:] * FEATURE_INIT_SCALE
+        return torch.cat([weight.detach().float(), fresh], dim=1)
+
+    return RetrievalHead(
+        embedding=base.embedding, norm_weight=base.norm_weight.detach().float().clone(),
+        q_weight=widen(base.q_weight), k_weight=widen(base.k_weight),
+        q_bias=None if base.q_bias is None else base.q_bias.detach().float().clone(),
+        k_bias=None if base.k_bias is None else base.k_bias.detach().float().clone(),
+        num_heads=base.num_heads, num_kv_heads=base.num_kv_heads, head_dim=base.head_dim,
+        norm_eps=base.norm_eps, rope=base.rope, max_position_embeddings=base.max_position_embeddings,
+        embedding_shared=base.embedding_shared, embedding_name=base.embedding_name,
+        selection_kv_heads=base.selection_kv_heads, vocab_size=base.vocab_size, source=base.source,
+        layer=base.layer, feature_layers=feature_layers, fc_weight=_linear_init(hidden, width, generator),
+        feature_norm_weight=torch.ones(width))
+
+
+TRAINED = ("norm_weight", "q_weight", "k_weight", "q_bias", "k_bias", "fc_weight", "feature_norm_weight")
+
+
+def trainable(head: RetrievalHead) -> list[torch.Tensor]:
+    """Mark the head's own tensors as requiring grad (never the shared embedding); returns them."""
+    tensors = []
+    for name in TRAINED:
+        tensor = getattr(head, name)
+        if tensor is not None:
+            tensor.requires_grad_(True)
+            tensors.append(tensor)
+    return tensors
+
+
+def attention_logits(head: RetrievalHead, sample: TeacherSample) -> torch.Tensor:
+    """The head's logits [Hq, P, T] at the sample's query positions over all its keys."""
+    seq_len = len(sample.ids)
+    previous = RetrievalHead.shift_features(sample.features[None].float())
+    x = head.projection_input(head.embedding.detach()[sample.ids][None].float(), previous)
+    q, k = head.qk_from_input(x, torch.arange(seq_len)[None])
+    k = k[0].repeat_interleave(head.num_heads // head.num_kv_heads, dim=0)
+    return torch.einsum("hpd,htd->hpt", q[0][:, sample.positions], k) * head.scaling
+
+
+def loss_and_recall(head: RetrievalHead, sample: TeacherSample, recent: int,
+                    recall_at: tuple[int, ...] = RECALL_AT) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of the teacher against the head over the selectable keys; recall at each k."""
+    seq_len = len(sample.ids)
+    allowed = selectable_keys(sample.positions, seq_len, recent)
+    teacher = sample.teacher.float()
+    log_probs = attention_logits(head, sample).masked_fill(~allowed, -1e9).log_softmax(-1)
+    loss = -(teacher * log_probs).sum(-1).mean()
+    with torch.no_grad():
+        recall = group_recall(log_probs.exp(), teacher, head.selection_kv_heads, recall_at)
+    return loss, recall
+
+
+def group_recall(scores: torch.Tensor, teacher: torch.Tensor, groups: int,
+                 recall_at: tuple[int, ...]) -> dict[str, float]:
+    """Mean teacher mass [Hq, P, T] inside each group's top-k of its max score over its heads."""
+    heads, queries, keys = scores.shape
+    grouped = scores.view(groups, heads // groups, queries, keys).amax(1)
+    teacher = teacher.view(groups, heads // groups, queries, keys)
+    recall = {}
+    for k in recall_at:
+        top = grouped.topk(min(k, keys), dim=-1).indices
+        chosen = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, top, True)
+        recall[f"recall@{k}"] = float((teacher * chosen[:, None]).sum(-1).mean())
+    return recall
+
+
+def evaluate(head: RetrievalHead, samples: list[TeacherSample], recent: int,
+             recall_at: tuple[int, ...] = RECALL_AT) -> dict[str, float]:
+    """Mean loss and recall over samples."""
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for sample in samples:
+            loss, recall = loss_and_recall(head, sample, recent, recall_at)
+            for name, value in {"loss": float(loss), **recall}.items():
+                totals[name] = totals.get(name, 0.0) + value / len(samples)
+    return totals
+
+
+def fit(base: RetrievalHead, train: list[TeacherSample], validation: list[TeacherSample], *,
+        feature_layers: tuple[int, ...], epochs: int, lr: float, seed: int, recent: int,
+        recall_at: tuple[int, ...] = RECALL_AT,
+        progress: Callable[[str], None] | None = None) -> tuple[RetrievalHead, list[dict]]:
+    """(trained fused head, per-epoch validation history; entry 0 is before training).
+
+    AdamW without weight decay, one sequence per step, a one-cycle learning-rate schedule."""
+    head = fused_student(base, feature_layers, seed)
+    history = [{"epoch": 0, **evaluate(head, validation, recent, recall_at)}]
+    _log(progress, history[-1])
+    parameters = trainable(head)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(train),
+                                                   pct_start=0.1)
+    order = torch.Generator().manual_seed(seed)
+    for epoch in range(1, epochs + 1):
+        for index in torch.randperm(len(train), generator=order).tolist():
+            loss, _ = loss_and_recall(head, train[index], recent, recall_at)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        history.append({"epoch": epoch, **evaluate(head, validation, recent, recall_at)})
+        _log(progress, history[-1])
+    for tensor in parameters:
+        tensor.requires_grad_(False)
+    return head, history
+
+
+def _log(progress: Callable[[str], None] | None, entry: dict) -> None:
+    if progress is not None:
+        figures = ", ".join(f"{name} {value:.4f}" for name, value in entry.items() if name != "epoch")
+        progress(f"epoch {entry['epoch']}: validation {figures}")

@@ -1,0 +1,46 @@
+"""`specontext distill`: bad input exits 2 with one line; a run writes a loadable head and reports it."""
+import pytest
+from typer.testing import CliRunner
+
+from specontext_compiler import cli, smollm2
+from specontext_compiler.runtime.retrieval_head import RetrievalHead
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(cli.app, ["distill", *args], env={"COLUMNS": "120", "SPECONTEXT_DEBUG": None})
+
+
+def assert_one_line_error(result, word):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and word in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--sequences", "0"], "--sequences"),
+    (["--seq-len", "0"], "--seq-len"),
+    (["--epochs", "0"], "--epochs"),
+    (["--threads", "0"], "--threads"),
+])
+def test_non_positive_numbers_exit_2(tmp_path, args, word):
+    assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "h.safetensors"), *args), word)
+
+
+def test_missing_output_directory_and_unknown_model_exit_2(tmp_path):
+    assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "nope" / "h.safetensors")), "does not exist")
+    assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "h.bin")), ".safetensors")
+    assert_one_line_error(invoke(str(tmp_path / "no-model"), "-o", str(tmp_path / "h.safetensors")), "no-model")
+
+
+def test_distill_writes_the_head_and_prints_the_report(tmp_path, monkeypatch, deep_model, tokenizer):
+    monkeypatch.setattr(smollm2, "load_causal_lm", lambda source: (deep_model, tokenizer, tmp_path))
+    out = tmp_path / "head.safetensors"
+    result = invoke("tiny", "-o", str(out), "--sequences", "2", "--seq-len", "512", "--epochs", "1",
+                    "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "validation loss" in result.stdout and "distilled:tiny" in result.stdout
+    head = RetrievalHead.load(out)
+    assert head.feature_layers == (3, 5, 6) and head.source == "distilled:tiny"
+    assert [p.name for p in tmp_path.iterdir()] == ["head.safetensors"]     # no temporary left behind

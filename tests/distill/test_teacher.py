@@ -1,0 +1,51 @@
+"""Teacher rows: the max over layers of each layer's attention, over the selectable keys only."""
+import pytest
+import torch
+
+from specontext_compiler.distill import teacher
+from specontext_compiler.errors import SpecontextError
+
+RECENT = 16
+
+
+def test_teacher_is_a_distribution_over_selectable_keys(model):
+    seq_len = 200
+    ids = torch.randint(0, model.config.vocab_size, (seq_len,))
+    positions = teacher.query_positions(seq_len, 24, must=[150, 5], recent=RECENT, min_context=8, seed=0)
+    assert 150 in positions.tolist() and 5 not in positions.tolist()     # too early to teach anything
+    sample = teacher.collect(model, ids, positions, feature_layers=(0, 2), recent=RECENT)
+    rows = sample.teacher.float()
+    assert sample.teacher.dtype == torch.float16 and rows.shape == (4, len(positions), seq_len)
+    assert torch.all(rows[..., 0] == 0)
+    for index, position in enumerate(positions.tolist()):
+        assert torch.all(rows[:, index, position - RECENT + 1:] == 0)
+    torch.testing.assert_close(rows.sum(-1), torch.ones(4, len(positions)), atol=2e-3, rtol=0)
+
+
+def test_teacher_matches_eager_attention_and_features_match_hidden_states(model):
+    seq_len = 120
+    ids = torch.randint(0, model.config.vocab_size, (seq_len,))
+    positions = torch.tensor([40, 77, 119])
+    sample = teacher.collect(model, ids, positions, feature_layers=(1, 2), recent=RECENT)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids[None], output_attentions=True, output_hidden_states=True)
+    finally:
+        model.set_attn_implementation(previous)
+    allowed = teacher.selectable_keys(positions, seq_len, RECENT)
+    per_layer = [a[0][:, positions] * allowed for a in out.attentions]
+    per_layer = [w / w.sum(-1, keepdim=True) for w in per_layer]
+    expected = torch.stack(per_layer).amax(0)
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(sample.teacher.float(), expected, atol=2e-3, rtol=1e-2)
+    features = torch.cat([out.hidden_states[1][0], out.hidden_states[2][0]], -1)
+    torch.testing.assert_close(sample.features.float(), features, atol=1e-2, rtol=1e-2)
+
+
+def test_a_query_without_selectable_keys_is_refused(model):
+    with pytest.raises(SpecontextError, match="no selectable key"):
+        teacher.collect(model, torch.zeros(64, dtype=torch.long), torch.tensor([RECENT]), (0,), RECENT)
+    with pytest.raises(SpecontextError, match="longer sequence"):
+        teacher.query_positions(50, 8, [], recent=RECENT, min_context=64, seed=0)
