@@ -406,6 +406,8 @@ def distill_cmd(
     seq_len: Annotated[int, typer.Option("--seq-len", metavar="TOKENS", help="Length of each training sequence, in tokens.")] = 2048,
     epochs: Annotated[int, typer.Option("--epochs", metavar="E", help="Passes over the training sequences.")] = 8,
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="K", help="CPU threads for torch. Default: torch's choice.")] = None,
+    teacher: Annotated[str, typer.Option("--teacher", metavar="mean|max", help="How the LLM's layers combine into the target distribution.")] = "mean",
+    recall_documents: Annotated[bool, typer.Option("--recall-documents", help="Mix in documents whose facts are asked about later.")] = False,
 ) -> None:
     """Distill a fused retrieval head from MODEL's own attention (CPU is fine; minutes for SmolLM2).
 
@@ -413,6 +415,8 @@ def distill_cmd(
     """
     _check_distill_options(out, sequences=sequences, seq_len=seq_len, epochs=epochs,
                            **({"threads": threads} if threads is not None else {}))
+    if teacher not in ("mean", "max"):
+        raise SpecontextError(f"--teacher {teacher!r}: choose mean or max")
     import torch
 
     from specontext_compiler.distill import distill_retrieval_head
@@ -423,6 +427,7 @@ def distill_cmd(
     err = Console(stderr=True, highlight=False)
     name = Path(model.rstrip("/")).name or model
     head, report = distill_retrieval_head(llm, tokenizer, sequences=sequences, seq_len=seq_len, epochs=epochs,
+                                          teacher_aggregate=teacher, recall_documents=recall_documents,
                                           name=name, progress=lambda line: err.print(f"[dim]{line}[/dim]"))
     _save_atomically(head, out)
     console = _out()

@@ -32,12 +32,15 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
                            feature_layers: tuple[int, ...] | None = None, epochs: int = 8, lr: float = 3e-3,
                            seed: int = 0, progress: Callable[[str], None] | None = None,
                            name: str | None = None, queries: int = QUERIES_PER_SEQUENCE,
-                           recent: int = RECENT_TOKENS):
+                           recent: int = RECENT_TOKENS, teacher_aggregate: str = "mean",
+                           recall_documents: bool = False):
     """(fused RetrievalHead, report) distilled from an HF causal LM's attention on stdlib prose.
 
     feature_layers: HF output_hidden_states indices the head reads (default_feature_layers).
     name: the model's name in the head's source ("distilled:<name>"); default: the model's path.
     progress: called with one line per stage and per epoch.
+    teacher_aggregate: "mean" or "max" over layers (teacher.py); recall_documents: mix in
+    documents with facts asked about later (corpus.py). Both defaults scored best on SmolLM2.
     """
     import torch
 
@@ -52,9 +55,10 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
     say = progress or (lambda message: None)
     started = time.perf_counter()
     samples = []
-    for index, (ids, must) in enumerate(corpus.training_sequences(tokenizer, sequences, seq_len, seed)):
+    texts = corpus.training_sequences(tokenizer, sequences, seq_len, seed, recall_documents=recall_documents)
+    for index, (ids, must) in enumerate(texts):
         positions = teacher.query_positions(seq_len, queries, must, recent, MIN_CONTEXT, seed + index)
-        samples.append(teacher.collect(model, torch.tensor(ids), positions, layers, recent))
+        samples.append(teacher.collect(model, torch.tensor(ids), positions, layers, recent, teacher_aggregate))
         say(f"teacher: sequence {index + 1}/{sequences}")
     collect_s = time.perf_counter() - started
     held_out = max(1, sequences // VALIDATION_FRACTION)
@@ -63,7 +67,7 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
                               epochs=epochs, lr=lr, seed=seed, recent=recent, progress=say)
     head.source, head.layer = f"distilled:{name or _model_name(model)}", 0
     report = {"source": head.source, "params": head.param_count(), "feature_layers": list(layers),
-              "sequences": sequences, "train_sequences": sequences - held_out,
+              "sequences": sequences, "teacher": teacher_aggregate, "recall_documents": recall_documents, "train_sequences": sequences - held_out,
               "validation_sequences": held_out, "seq_len": seq_len, "epochs": epochs, "lr": lr,
               "before": history[0], "after": history[-1], "history": history,
               "collect_s": collect_s, "train_s": time.perf_counter() - started - collect_s}

@@ -3,8 +3,9 @@
 One dense forward per sequence with a capture hook on every layer's post-RoPE q and k gives, at P
 query positions, each layer's softmax attention per query head. Selection never picks the sink
 token 0 or the recent window (both are always attended), so each row is renormalized over the
-selectable keys only; the teacher is the maximum over layers, renormalized again: a key matters if
-any layer needs it, since one selection serves them all. The same forward yields the hidden states
+selectable keys only; the teacher aggregates the layers, renormalized again: "mean" (default) is
+what attention recall averages, so its top-k maximises recall; "max" says a key matters if any
+layer needs it, since one selection serves them all (it scored lower recall on SmolLM2). The same forward yields the hidden states
 that a fused head reads (`feature_layers`, HF output_hidden_states indices). Stored in fp16.
 """
 from __future__ import annotations
@@ -50,24 +51,31 @@ def query_positions(seq_len: int, count: int, must: list[int], recent: int, min_
     return torch.tensor(sorted(kept + extra))
 
 
-class _MaxOverLayers:
-    """Capture hook: keeps the running max over layers of renormalized attention at the queries."""
+AGGREGATES = ("mean", "max")
 
-    def __init__(self, positions: torch.Tensor, seq_len: int, recent: int, num_heads: int):
+
+class _LayerAggregate:
+    """Capture hook: the running sum or max over layers of renormalized attention at the queries."""
+
+    def __init__(self, positions: torch.Tensor, seq_len: int, recent: int, num_heads: int, aggregate: str):
+        self.aggregate = aggregate
         self.positions = positions
         self.allowed = selectable_keys(positions, seq_len, recent)
         self.causal = torch.arange(seq_len)[None, :] <= positions[:, None]
-        self.maximum = torch.zeros(num_heads, len(positions), seq_len)
+        self.total = torch.zeros(num_heads, len(positions), seq_len)
 
     def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
         q = query[0, :, self.positions].float()                                   # [Hq, P, D]
         k = key[0].float().repeat_interleave(q.shape[0] // key.shape[1], dim=0)   # [Hq, T, D]
         logits = torch.einsum("hpd,htd->hpt", q, k) * q.shape[-1] ** -0.5
         weights = logits.masked_fill(~self.causal, float("-inf")).softmax(-1) * self.allowed
-        torch.maximum(self.maximum, _renormalize(weights), out=self.maximum)
+        if self.aggregate == "max":
+            torch.maximum(self.total, _renormalize(weights), out=self.total)
+        else:                      # a sum renormalizes to the mean
+            self.total.add_(_renormalize(weights))
 
     def teacher(self) -> torch.Tensor:
-        return _renormalize(self.maximum * self.allowed)
+        return _renormalize(self.total * self.allowed)
 
 
 def _renormalize(weights: torch.Tensor) -> torch.Tensor:
@@ -76,13 +84,15 @@ def _renormalize(weights: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def collect(model, ids: torch.Tensor, positions: torch.Tensor, feature_layers: tuple[int, ...],
-            recent: int) -> TeacherSample:
+            recent: int, aggregate: str = "mean") -> TeacherSample:
     """Run `model` densely over ids [T] once: the teacher at `positions` and the features."""
     seq_len = len(ids)
     if int(positions.min()) <= recent:
         raise SpecontextError(f"query position {int(positions.min())} has no selectable key "
                               f"(recent window {recent})")
-    hook = _MaxOverLayers(positions, seq_len, recent, model.config.num_attention_heads)
+    if aggregate not in AGGREGATES:
+        raise SpecontextError(f"teacher aggregate {aggregate!r}: choose one of {AGGREGATES}")
+    hook = _LayerAggregate(positions, seq_len, recent, model.config.num_attention_heads, aggregate)
     previous = getattr(model.config, "_attn_implementation", None)
     sparse_attention.install(model)
     try:

@@ -37,9 +37,11 @@ def test_templates_differ_from_the_passkey_eval():
     assert corpus.QUESTION.strip() not in eval_text.QUESTION
 
 
-def test_sequences_alternate_prose_and_recall_and_short_ones_are_refused(tokenizer):
-    sequences = corpus.training_sequences(tokenizer, 4, 600, seed=0)
+def test_sequences_are_prose_or_alternate_with_recall_and_short_ones_are_refused(tokenizer):
+    prose = corpus.training_sequences(tokenizer, 4, 600, seed=0)
+    assert [len(ids) for ids, _ in prose] == [600] * 4 and not any(must for _, must in prose)
+    sequences = corpus.training_sequences(tokenizer, 4, 600, seed=0, recall_documents=True)
     assert [len(ids) for ids, _ in sequences] == [600] * 4
     assert [bool(must) for _, must in sequences] == [False, True, False, True]
     with pytest.raises(SpecontextError, match="longer sequence"):
-        corpus.training_sequences(tokenizer, 2, 100, seed=0)
+        corpus.training_sequences(tokenizer, 2, 100, seed=0, recall_documents=True)

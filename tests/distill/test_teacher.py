@@ -1,4 +1,4 @@
-"""Teacher rows: the max over layers of each layer's attention, over the selectable keys only."""
+"""Teacher rows: the mean or max over layers of each layer's attention, over the selectable keys only."""
 import pytest
 import torch
 
@@ -22,11 +22,12 @@ def test_teacher_is_a_distribution_over_selectable_keys(model):
     torch.testing.assert_close(rows.sum(-1), torch.ones(4, len(positions)), atol=2e-3, rtol=0)
 
 
-def test_teacher_matches_eager_attention_and_features_match_hidden_states(model):
+@pytest.mark.parametrize("aggregate", ["mean", "max"])
+def test_teacher_matches_eager_attention_and_features_match_hidden_states(model, aggregate):
     seq_len = 120
     ids = torch.randint(0, model.config.vocab_size, (seq_len,))
     positions = torch.tensor([40, 77, 119])
-    sample = teacher.collect(model, ids, positions, feature_layers=(1, 2), recent=RECENT)
+    sample = teacher.collect(model, ids, positions, feature_layers=(1, 2), recent=RECENT, aggregate=aggregate)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -37,7 +38,8 @@ def test_teacher_matches_eager_attention_and_features_match_hidden_states(model)
     allowed = teacher.selectable_keys(positions, seq_len, RECENT)
     per_layer = [a[0][:, positions] * allowed for a in out.attentions]
     per_layer = [w / w.sum(-1, keepdim=True) for w in per_layer]
-    expected = torch.stack(per_layer).amax(0)
+    stacked = torch.stack(per_layer)
+    expected = stacked.amax(0) if aggregate == "max" else stacked.mean(0)
     expected = expected / expected.sum(-1, keepdim=True)
     torch.testing.assert_close(sample.teacher.float(), expected, atol=2e-3, rtol=1e-2)
     features = torch.cat([out.hidden_states[1][0], out.hidden_states[2][0]], -1)
