@@ -136,8 +136,11 @@ def run_eval_for_plan(plan_dir, tasks=TASKS, **options) -> EvalResult:
     if workload.get("budget"):
         options.setdefault("passkey_budgets", (int(workload["budget"]),))
     layer = plan.retrieval_head.get("layer")
+    head_file = plan.retrieval_head.get("file")
     if layer is not None and str(plan.retrieval_head.get("source", "self")).startswith("self"):
         options.setdefault("head_layer", int(layer))
+    elif head_file and plan.directory is not None:     # a DLM's or a distilled head, stored in the plan
+        options.setdefault("head", str(plan.directory / head_file))
     return run_eval(source, tasks=tasks, **options)
 
 

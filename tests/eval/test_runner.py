@@ -7,10 +7,10 @@ from specontext_compiler.errors import SpecontextError
 from specontext_compiler.eval import runner
 
 
-def _plan(tmp_path, source):
+def _plan(tmp_path, source, head=None):
     data = {"schema_version": [1, 0], "producer": {}, "model": {"source": source} if source else {},
             "target": {}, "workload": {"budget": 1024, "sink_tokens": 4, "recent_tokens": 32},
-            "retrieval_head": {"source": "self", "layer": 2}, "segments": [], "schedule": [],
+            "retrieval_head": head or {"source": "self", "layer": 2}, "segments": [], "schedule": [],
             "prediction": {}, "solver": {}, "graph": {}}
     (tmp_path / "plan.json").write_text(json.dumps(data))
     return tmp_path
@@ -22,6 +22,14 @@ def test_plan_budget_and_head_reach_run_eval(tmp_path, monkeypatch):
     runner.run_eval_for_plan(_plan(tmp_path, "/models/x.gguf"), tasks=("passkey",))
     assert seen == {"source": "/models/x.gguf", "tasks": ("passkey",), "sink": 4, "recent": 32,
                     "passkey_budgets": (1024,), "head_layer": 2}
+
+
+def test_a_plan_with_a_stored_head_file_is_evaluated_with_that_head(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(runner, "run_eval", lambda source, **kw: seen.update(kw, source=source))
+    head = {"source": "heads/smollm2-fused.safetensors", "layer": 0, "file": "retrieval_head.safetensors"}
+    runner.run_eval_for_plan(_plan(tmp_path, "/models/x.gguf", head), tasks=("recall",))
+    assert seen["head"] == str(tmp_path / "retrieval_head.safetensors") and "head_layer" not in seen
 
 
 def test_plan_without_source_is_refused(tmp_path):
