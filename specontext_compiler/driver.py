@@ -18,7 +18,7 @@ from specontext_compiler.runtime.plan import SCHEMA_VERSION, Plan, PrefetchSlot,
 from specontext_compiler.sizes import parse_tokens
 
 Progress = Callable[[str, float], None]
-STAGES = ("load model", "plan (ILP)", "retrieval head", "export", "passes", "codegen", "write")
+STAGES = ("load model", "retrieval head", "plan (ILP)", "export", "passes", "codegen", "write")
 HEAD_FILE = "retrieval_head.safetensors"
 
 
@@ -41,17 +41,17 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     models.check_max_len(spec, max_len_tokens)
     hw = load_target_file(target_file) if target_file else load_target(target)
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len else _default_prompt(max_len_tokens)
+
+    clock.stage("retrieval head")       # before the ILP (its size is costed) and the passes (taps)
+    head_info, files, head_shape = _retrieval_head(dlm, source, spec)
     workload = Workload(max_len=max_len_tokens, prompt_len=prompt_tokens,
                         batch=batch if isinstance(batch, int) else 1, budget=budget,
                         sink_tokens=sink_tokens, recent_tokens=recent_tokens,
-                        selection_overlap=selection_overlap)
+                        selection_overlap=selection_overlap, head=head_shape)
 
     clock.stage("plan (ILP)")
     solution = plan_residency(spec, workload, hw, batch=_parse_batch(batch))
     offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
-
-    clock.stage("retrieval head")       # before the passes: a fused head decides which states to tap
-    head_info, files = _retrieval_head(dlm, source, spec)
 
     clock.stage("export")
     captured = _capture(source.config)
@@ -121,18 +121,23 @@ def _capture(config):
     return capture_decode_graph(config)
 
 
-def _retrieval_head(dlm: str | None, source, spec) -> tuple[dict, dict[str, bytes]]:
-    """Extract the retrieval head when a DLM is given; else the LLM's own layer 0 at bind time.
+def _retrieval_head(dlm: str | None, source, spec):
+    """(plan record, files, shape for the cost model) of the retrieval head.
 
-    The head is stored in the plan (HEAD_FILE); a shared embedding is attached from the LLM's
-    weights at bind time. feature_layers (a fused head's) say which hidden states the graph taps.
+    With a DLM the head is extracted now and stored in the plan (HEAD_FILE; a shared embedding is
+    attached from the LLM's weights at bind time) and the cost model prices its real parameters
+    (a fused head's fc included); feature_layers say which hidden states the graph taps. Without
+    one, the LLM's own layer 0 is built at bind time and the cost model keeps its EAGLE-3 shape.
     """
     if dlm is None:
         return {"source": "self:0", "layer": 0, "file": None, "feature_layers": [],
-                "note": "self-derived: the LLM's layer-0 embedding, norm and Q/K projections, built at bind time"}, {}
+                "note": "self-derived: the LLM's layer-0 embedding, norm and Q/K projections, built at bind time"}, {}, None
+    from specontext_compiler.cost_models.workload import RetrievalHead as HeadShape
     from specontext_compiler.dlm import extract_retrieval_head
     head, report = extract_retrieval_head(dlm, source.config)
-    return {**report, "source": str(dlm), "file": HEAD_FILE}, {HEAD_FILE: _head_bytes(head)}
+    shape = HeadShape(head_num_heads=head.num_heads, head_num_kv_heads=head.num_kv_heads, head_dim=head.head_dim,
+                      head_input_dim=head.input_width, head_params=head.param_count(include_embedding=False))
+    return {**report, "source": str(dlm), "file": HEAD_FILE}, {HEAD_FILE: _head_bytes(head)}, shape
 
 
 def _head_bytes(head) -> bytes:

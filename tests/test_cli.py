@@ -251,7 +251,11 @@ def test_real_compile_with_a_fused_head_file(tmp_path, make_fused_head):
     plan = load_plan(out)
     assert plan.retrieval_head["feature_layers"] == [0, 2]
     assert plan.graph["op_counts"]["specontext.record_features.default"] == 2
-    assert RetrievalHead.load(out / plan.retrieval_head["file"]).feature_layers == (0, 2)
+    head = RetrievalHead.load(out / plan.retrieval_head["file"])
+    assert head.feature_layers == (0, 2)
+    # the cost model prices this head's own parameters (fc included), in the model's bf16
+    breakdown = plan.prediction["memory_breakdown"][0]
+    assert breakdown["retrieval_head"] == head.param_count(include_embedding=False) * 2
 
 
 def test_real_compile_with_a_head_file_for_another_model(tmp_path, make_fused_head):
