@@ -170,6 +170,7 @@ def compile_cmd(
     dlm: Annotated[Optional[str], typer.Option("--dlm", metavar="DLM", help="Distilled model (directory or GGUF) or a retrieval-head .safetensors file: the head that does retrieval.")] = None,
     target_file: Annotated[Optional[Path], typer.Option("--target-file", metavar="FILE", help="A target TOML file instead of a built-in target.")] = None,
     prompt_len: Annotated[Optional[str], typer.Option("--prompt-len", metavar="TOKENS", help="Expected prompt length, in tokens (131072, 128k); sets the initial residency.")] = None,
+    selection_overlap: Annotated[float, typer.Option("--selection-overlap", metavar="F", help="Expected share of a step's selected rows already selected at the previous step (paper: over 0.8; measure yours with benchmarks/measure_overlap.py); elastic loading copies the rest.")] = 0.8,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan summary as JSON instead of tables.")] = False,
 ) -> None:
     """Compile MODEL into a plan directory for a target GPU and a longest sequence length.
@@ -184,7 +185,7 @@ def compile_cmd(
         plan = driver.compile_model(model, target, max_len_tokens, batch=_parse_batch(batch), budget=budget,
                              sink_tokens=sinks, recent_tokens=recent, out=out_dir, dlm=dlm,
                              target_file=str(target_file) if target_file else None,
-                             prompt_len=prompt_tokens, progress=progress)
+                             prompt_len=prompt_tokens, selection_overlap=selection_overlap, progress=progress)
     if as_json:
         from specontext_compiler.report import plan_summary_json
         typer.echo(json.dumps(plan_summary_json(plan), indent=2))

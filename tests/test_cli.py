@@ -272,3 +272,12 @@ def test_real_compile_unknown_target(tmp_path):
     result = invoke("compile", "tiny-llama", "--max-len", "2k", "--target", "z9000", "-o", str(tmp_path / "p"))
     assert_one_line_error(result, "z9000")
     assert not (tmp_path / "p").exists()
+
+
+def test_selection_overlap_reaches_the_plan_and_bad_values_exit_2(tmp_path):
+    out = tmp_path / "low"
+    result = invoke("compile", "tiny-llama", "--max-len", "2k", "--selection-overlap", "0.15", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert load_plan(out).workload["selection_overlap"] == 0.15
+    bad = invoke("compile", "tiny-llama", "--max-len", "2k", "--selection-overlap", "1.5", "-o", str(tmp_path / "x"))
+    assert bad.exit_code == 2 and "selection overlap 1.5" in bad.output and not (tmp_path / "x").exists()
