@@ -64,7 +64,7 @@ def layer_transfer_ms(spec: ModelSpec, workload: Workload, target: Target, seq_l
     """Copy-stream time of one offloaded layer: delta gather + write-through of the new token."""
     write_through = workload.batch * memory.kv_bytes_per_token_layer(spec)
     return (layer_h2d_bytes(spec, workload, seq_len) / (target.pinned_gather_gbps * 1e6)
-            + write_through / (target.h2d_gbps * 1e6))
+            + write_through / (target.h2d_gbps * 1e6)) / target.overlapped_copy_efficiency
 
 
 def retrieval_cost(spec: ModelSpec, workload: Workload, seq_len: float) -> tuple[float, float]:

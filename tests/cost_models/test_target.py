@@ -99,3 +99,18 @@ def test_decode_efficiency_is_optional_bounded_and_slows_the_roofline(tmp_path):
     with pytest.raises(TargetError, match=r"decode_hbm_efficiency must be in \(0, 1\]"):
         load_target_file(_write(tmp_path, GOOD + "decode_hbm_efficiency = 1.5\n"))
     assert 0 < load_target("h100").decode_hbm_efficiency < 1
+
+
+def test_overlapped_copy_efficiency_slows_only_the_copy_stream(tmp_path):
+    from specontext_compiler.cost_models.latency import layer_transfer_ms, step_components
+    from specontext_compiler.cost_models.workload import Workload
+    from specontext_compiler.models import resolve_model, spec_from_config
+    source = resolve_model("llama-3.1-8b")
+    spec = spec_from_config(source.config, source.name)
+    work = Workload(max_len=32768, prompt_len=30000, batch=4, selection_overlap=0.5)
+    plain = load_target_file(_write(tmp_path, GOOD))
+    slow = load_target_file(_write(tmp_path, GOOD + "overlapped_copy_efficiency = 0.5\n"))
+    assert layer_transfer_ms(spec, work, slow, 30000) == pytest.approx(2 * layer_transfer_ms(spec, work, plain, 30000))
+    assert step_components(spec, work, slow, 30000).layer_ms == step_components(spec, work, plain, 30000).layer_ms
+    with pytest.raises(TargetError, match=r"overlapped_copy_efficiency must be in \(0, 1\]"):
+        load_target_file(_write(tmp_path, GOOD + "overlapped_copy_efficiency = 0\n"))
