@@ -125,10 +125,14 @@ def test_a_second_selection_in_one_step_is_refused():
     store = _store(offloaded=(1, 2))
     fetcher = Prefetcher(store, KernelSet(reference=True))
     fetcher.new_step()
-    fetcher.issue(1, _selection(), slice(0, SLOTS))
-    # The shared diff is only right for the indices it was computed from.
+    first = _selection()
+    fetcher.issue(1, first, slice(0, SLOTS))
+    # The shared diff is only right for the indices it was computed from. (Both tensors stay
+    # alive: a freed first one could lend its address to the second, which the guard compares.)
+    second = _selection()
     with pytest.raises(ValueError, match="one selection per step"):
-        fetcher.issue(2, _selection(), slice(0, SLOTS))
+        fetcher.issue(2, second, slice(0, SLOTS))
+    assert first.data_ptr() != second.data_ptr()
 
 
 def test_offloaded_history_comes_back_exactly_for_the_requested_rows():
