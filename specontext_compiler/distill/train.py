@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from specontext_compiler.distill.teacher import TeacherSample, selectable_keys
+from specontext_compiler.runtime import selection
 from specontext_compiler.runtime.retrieval_head import RetrievalHead
 
 RECALL_AT = (128, 512)
@@ -91,7 +92,7 @@ def group_recall(scores: torch.Tensor, teacher: torch.Tensor, groups: int,
                  recall_at: tuple[int, ...]) -> dict[str, float]:
     """Mean teacher mass [Hq, P, T] inside each group's top-k of its max score over its heads."""
     heads, queries, keys = scores.shape
-    grouped = scores.view(groups, heads // groups, queries, keys).amax(1)
+    grouped = selection.group_scores(scores.transpose(0, 1), groups).transpose(0, 1)     # [G, P, T]
     teacher = teacher.view(groups, heads // groups, queries, keys)
     recall = {}
     for k in recall_at:

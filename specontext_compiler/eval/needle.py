@@ -37,14 +37,13 @@ def needle_ranks(model, tokenizer, heads, *, length: int = 8192, depth: float = 
     out = {"length": length, "depth": depth, "digits": len(digits), "heads": {}, "llm_share": []}
     for name in heads:
         head = make_head(model, name)
-        q, k = context_qk(head, ids, captured["hidden"])
+        q, k = context_qk(head, ids, captured.hidden)
         scores = selection.attention_weights(q[:, :, -1], k[:, :, :-1], head.scaling)[0]    # [Hq, S]
-        groups = head.selection_kv_heads
-        grouped = scores.view(groups, scores.shape[0] // groups, -1).amax(1)                 # [G, S]
+        grouped = selection.group_scores(scores[None], head.selection_kv_heads)[0]           # [G, S]
         ranks = grouped.argsort(-1, descending=True).argsort(-1)[:, digits]
         out["heads"][name] = ranks.amax(-1).tolist()
-    for layer in range(len(captured) - 1):       # the "hidden" entry is not a layer
-        weights = _llm_weights(*captured[layer], 0, last)                                    # [Hq, last+1]
+    for layer in range(len(captured.qk)):
+        weights = _llm_weights(*captured.qk[layer], 0, last)                                    # [Hq, last+1]
         out["llm_share"].append(round(float(weights[:, digits].sum(-1).mean()), 4))
     return out
 

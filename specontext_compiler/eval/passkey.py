@@ -49,8 +49,7 @@ class _HeadState:
     def query(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The new token's q [1, Hq, D]; its k joins the cache after the step (see `advance`)."""
         previous = self.last_features[:, None] if self.fused else None
-        q_new, self._k_new = (self.head.project(ids, pos, previous) if self.fused
-                              else self.head.project(ids, pos))
+        q_new, self._k_new = self.head.project(ids, pos, previous)
         return q_new[:, :, 0]
 
     def advance(self, hidden_states) -> None:

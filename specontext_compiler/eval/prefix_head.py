@@ -87,8 +87,11 @@ class PrefixHead:
                                past_key_values=self.cache, use_cache=True, position_embeddings=rotary)
         return hidden
 
-    def project(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [B, Hq, T, D], k [B, Hkv, T, D] after RoPE (as RetrievalHead.project), through the prefix."""
+    def project(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                previous_features=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, Hq, T, D], k [B, Hkv, T, D] after RoPE (as RetrievalHead.project), through the prefix.
+
+        previous_features is accepted for RetrievalHead's signature and unused: the head is not fused."""
         return self.head.project_hidden(self.hidden(input_ids, position_ids), position_ids)
 
     def param_report(self, total_params: int | None = None) -> dict:

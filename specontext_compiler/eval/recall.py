@@ -9,6 +9,7 @@ A fused (EAGLE-3 style) head reads the LLM's hidden states of the same prefill (
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,41 +24,45 @@ def query_positions(length: int, count: int) -> list[int]:
     return [start + (length - 1 - start) * i // max(count - 1, 1) for i in range(count)]
 
 
-@torch.no_grad()
-def capture_qk(model, ids: torch.Tensor, positions: list[int]) -> dict:
-    """layer -> (q [Hq, P, D] at `positions`, k [Hkv, T, D]) from one dense prefill of ids [1, T].
+@dataclass
+class Captured:
+    """One dense prefill: per layer (q [Hq, P, D] at the query positions, k [Hkv, T, D]), and the
+    LLM's hidden states (HF's output_hidden_states tuple), which fused heads read."""
 
-    The LLM's hidden states of that prefill ride along under the key "hidden" (a tuple, as HF's
-    output_hidden_states), for fused heads.
-    """
-    captured: dict = {}
+    qk: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    hidden: tuple
+
+
+@torch.no_grad()
+def capture_qk(model, ids: torch.Tensor, positions: list[int]) -> Captured:
+    """Every layer's q at `positions` and k, and the hidden states, from one dense prefill of ids [1, T]."""
+    qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     index = torch.tensor(positions)
 
     def grab(layer, query, key):
-        captured[layer] = (query[0, :, index].float(), key[0].float())
+        qk[layer] = (query[0, :, index].float(), key[0].float())
 
     sparse_attention.install(model)
     with sparse_attention.active(capture=grab):
         out = model(input_ids=ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
-    captured["hidden"] = out.hidden_states
-    return captured
+    return Captured(qk, out.hidden_states)
 
 
 def context_qk(head, ids: torch.Tensor, hidden_states=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's q, k for a whole context ids [1, T]; a fused head reads the LLM's hidden states."""
-    positions = torch.arange(ids.shape[1])[None]
-    if not getattr(head, "fused", False):
-        return head.project(ids, positions)
-    if hidden_states is None:
-        raise ValueError(f"{getattr(head, 'source', 'the head')} is fused: pass the LLM's hidden states")
-    return head.project(ids, positions, head.shift_features(head.features_of(hidden_states)))
+    previous = None
+    if getattr(head, "fused", False):
+        if hidden_states is None:
+            raise ValueError(f"{getattr(head, 'source', 'the head')} is fused: pass the LLM's hidden states")
+        previous = head.shift_features(head.features_of(hidden_states))
+    return head.project(ids, torch.arange(ids.shape[1])[None], previous)
 
 
 @torch.no_grad()
 def attention_recall(model, head, ids: list[int], *, budgets, methods, sink: int = 1, recent: int = 0,
                      queries: int = 16, page_size: int = 16, seed: int = 0,
                      progress: Callable[[], None] | None = None,
-                     captured: dict | None = None) -> dict[str, dict[int, list[float]]]:
+                     captured: Captured | None = None) -> dict[str, dict[int, list[float]]]:
     """method -> budget -> recall per layer (mean over heads and query positions), for ids of long text.
 
     captured: capture_qk's result for these ids and query positions, to share one prefill between heads.
@@ -65,19 +70,19 @@ def attention_recall(model, head, ids: list[int], *, budgets, methods, sink: int
     tokens = torch.tensor([ids])
     positions = query_positions(len(ids), queries)
     captured = captured if captured is not None else capture_qk(model, tokens, positions)
-    head_q, head_k = context_qk(head, tokens, captured["hidden"])
-    num_layers = len(captured) - 1         # the "hidden" entry is not a layer
+    head_q, head_k = context_qk(head, tokens, captured.hidden)
+    num_layers = len(captured.qk)
     sums = {m: {b: [0.0] * num_layers for b in budgets} for m in methods}
     generator = torch.Generator().manual_seed(seed)
     for j, t in enumerate(positions):
-        weights = [_llm_weights(*captured[layer], j, t) for layer in range(num_layers)]   # [Hq, t+1] each
+        weights = [_llm_weights(*captured.qk[layer], j, t) for layer in range(num_layers)]   # [Hq, t+1] each
         for method in methods:
             for budget in budgets:
                 limit = Budget(budget, sink, recent, page_size)
                 shared = None
                 for layer in range(num_layers):
                     if shared is None or method in PER_LAYER:
-                        q, k = captured[layer]
+                        q, k = captured.qk[layer]
                         shared = method_mask(method, limit, query=q[None, :, j], keys=k[None, :, :t],
                                              head_q=head_q[:, :, t], head_k=head_k[:, :, :t], head=head,
                                              generator=generator)
