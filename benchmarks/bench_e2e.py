@@ -92,10 +92,9 @@ def run_case(method: str, context: int, args) -> dict:
     engine = load_plan(Path(args.plans) / f"{method}-{context}").bind(model)
     result = time_engine(engine, context, args.steps)
     # The plan predicts at its compile-time overlap; also predict at the overlap this run measured.
-    measured = result["overlap"] if result["overlap"] is not None else None
     return {"method": f"specontext {method}", "context": context,
             "predicted_step_ms": engine.plan.segment_for(context).predicted.get("step_ms"),
-            "predicted_at_measured_overlap_ms": predicted_step(engine.plan, context, measured).step_ms, **result}
+            "predicted_at_measured_overlap_ms": predicted_step(engine.plan, context, result["overlap"]).step_ms, **result}
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ measured step with the compile-time figure mixes a model error with a workload d
 recomputes the prediction for the plan's own residency and schedule at the measured overlap.
 Imports no solver: it runs on the GPU machine, where PuLP is absent.
 """
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from specontext_compiler.cost_models.latency import StepBreakdown, step_time
 from specontext_compiler.cost_models.model_spec import ModelSpec
@@ -21,7 +21,7 @@ def predicted_step(plan, seq_len: int, selection_overlap: float | None = None) -
     known = {f.name for f in fields(Workload)} - {"head"}
     workload = Workload(**{k: v for k, v in plan.workload.items() if k in known})
     if selection_overlap is not None:
-        workload = Workload(**{**{k: getattr(workload, k) for k in known}, "selection_overlap": selection_overlap})
+        workload = replace(workload, selection_overlap=selection_overlap)
     segment = plan.segment_for(seq_len)
     issue_before = {slot.layer: slot.issue_before_layer for slot in plan.schedule}
     return step_time(spec, workload, target, seq_len, segment.offloaded_layers, issue_before)

@@ -136,9 +136,6 @@ def _compile_summary(plan: Any, stage_s: dict[str, float]) -> Table:
     from specontext_compiler.report import format_tokens, plan_summary_json
     summary = plan_summary_json(plan)["summary"]
     first, last = plan.segments[0], plan.segments[-1]
-    table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column()
     tok_s = summary["tokens_per_s_at_max_len"]
     rows = [("plan", str(plan.directory)),
             ("model / target", f"{summary['model']} on {summary['target']}"),
@@ -151,6 +148,14 @@ def _compile_summary(plan: Any, stage_s: dict[str, float]) -> Table:
             ("solver", f"{plan.solver.get('name')}: {plan.solver.get('status')}"),
             ("compile time", f"{sum(stage_s.values()):.1f} s: " + ", ".join(
                 f"{name} {s:.1f} s" for name, s in stage_s.items() if s >= 0.05))]
+    return _key_value_table(rows)
+
+
+def _key_value_table(rows: list[tuple[str, str]]) -> Table:
+    """A borderless two-column summary: bold keys, their values."""
+    table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
     for key, value in rows:
         table.add_row(key, value)
     return table
@@ -383,9 +388,6 @@ def _save_atomically(head: Any, out: Path) -> None:
 
 
 def _distill_summary(report: dict, out: Path) -> Table:
-    table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column()
     recall_keys = [key for key in report["after"] if key.startswith("recall@")]
     rows = [("head", str(out)),
             ("source", report["source"]),
@@ -396,9 +398,7 @@ def _distill_summary(report: dict, out: Path) -> Table:
     rows += [(f"validation {key}", f"{report['before'][key]:.3f} -> {report['after'][key]:.3f}")
              for key in recall_keys]
     rows.append(("time", f"teacher {report['collect_s']:.1f} s, training {report['train_s']:.1f} s"))
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
+    return _key_value_table(rows)
 
 
 @app.command("distill")
