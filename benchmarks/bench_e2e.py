@@ -94,7 +94,8 @@ def run_case(method: str, context: int, args) -> dict:
     # The plan predicts at its compile-time overlap; also predict at the overlap this run measured.
     return {"method": f"specontext {method}", "context": context,
             "predicted_step_ms": engine.plan.segment_for(context).predicted.get("step_ms"),
-            "predicted_at_measured_overlap_ms": predicted_step(engine.plan, context, result["overlap"]).step_ms, **result}
+            "predicted_at_measured_overlap_ms": predicted_step(engine.plan, context, result["overlap"]).step_ms,
+            **result}
 
 
 def main() -> None:
