@@ -108,12 +108,10 @@ class PrefixHead:
 
 def make_head(model, name: str):
     """A head by name for the eval: "self:N" (layer N's Q/K on the embedding), "self-prefix:N", or
-    a retrieval-head .safetensors file (e.g. one `specontext distill` trained), on the LLM's embedding."""
+    a retrieval-head .safetensors file (e.g. one `specontext distill` trained; dlm.py checks that it
+    fits the model and attaches the LLM's embedding)."""
     from specontext_compiler.dlm import extract_retrieval_head
-    from specontext_compiler.runtime.retrieval_head import RetrievalHead
     if name.startswith("self-prefix:"):
         return PrefixHead(model, int(name.split(":")[1]))
-    if name.endswith(".safetensors"):
-        return RetrievalHead.load(name, embedding=model.model.embed_tokens.weight.detach())
     head, _ = extract_retrieval_head(name, model, llm=model)
     return head
