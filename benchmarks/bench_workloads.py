@@ -34,14 +34,14 @@ def run_workload(model, plan_dir: Path, prompt_len: int, new_tokens: int, max_se
     engine = load_plan(plan_dir).bind(model)
     prompts = [torch.randint(0, 100000, (prompt_len,)).tolist() for _ in range(engine.slots)]
     marks = {}
-    first = []
+    streamed = []          # request index of every token streamed so far
     start = time.perf_counter()
 
     def on_token(index, token):
-        if not first:
+        if not streamed:
             torch.cuda.synchronize()
             marks["first_token"] = time.perf_counter()
-        first.append(index)
+        streamed.append(index)
         if time.perf_counter() - start > max_seconds:
             raise _TimeUp
 
@@ -54,7 +54,7 @@ def run_workload(model, plan_dir: Path, prompt_len: int, new_tokens: int, max_se
         finished = False
     torch.cuda.synchronize()
     end = time.perf_counter()
-    generated = len(first)
+    generated = len(streamed)
     decode_s = end - marks["first_token"]
     stats = engine.stats()
     return {"workload": f"[{prompt_len},{new_tokens}]", "requests": engine.slots, "generated": generated,
