@@ -35,7 +35,6 @@ def run_workload(model, plan_dir: Path, prompt_len: int, new_tokens: int, max_se
     prompts = [torch.randint(0, 100000, (prompt_len,)).tolist() for _ in range(engine.slots)]
     marks = {}
     streamed = []          # request index of every token streamed so far
-    start = time.perf_counter()
 
     def on_token(index, token):
         if not streamed:
