@@ -40,7 +40,8 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
     name: the model's name in the head's source ("distilled:<name>"); default: the model's path.
     progress: called with one line per stage and per epoch.
     teacher_aggregate: "mean" or "max" over layers (teacher.py); recall_documents: mix in
-    documents with facts asked about later (corpus.py). Both defaults scored best on SmolLM2.
+    documents with facts asked about later (corpus.py). Both defaults scored best on SmolLM2 at
+    budgets 256-1024 (benchmarks/ACCURACY.md).
     """
     import torch
 
@@ -67,7 +68,8 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
                               epochs=epochs, lr=lr, seed=seed, recent=recent, progress=say)
     head.source, head.layer = f"distilled:{name or _model_name(model)}", 0
     report = {"source": head.source, "params": head.param_count(), "feature_layers": list(layers),
-              "sequences": sequences, "teacher": teacher_aggregate, "recall_documents": recall_documents, "train_sequences": sequences - held_out,
+              "sequences": sequences, "teacher": teacher_aggregate, "recall_documents": recall_documents,
+              "train_sequences": sequences - held_out,
               "validation_sequences": held_out, "seq_len": seq_len, "epochs": epochs, "lr": lr,
               "before": history[0], "after": history[-1], "history": history,
               "collect_s": collect_s, "train_s": time.perf_counter() - started - collect_s}

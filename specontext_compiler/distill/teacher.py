@@ -5,8 +5,9 @@ query positions, each layer's softmax attention per query head. Selection never 
 token 0 or the recent window (both are always attended), so each row is renormalized over the
 selectable keys only; the teacher aggregates the layers, renormalized again: "mean" (default) is
 what attention recall averages, so its top-k maximises recall; "max" says a key matters if any
-layer needs it, since one selection serves them all (it scored lower recall on SmolLM2). The same forward yields the hidden states
-that a fused head reads (`feature_layers`, HF output_hidden_states indices). Stored in fp16.
+layer needs it, since one selection serves them all (lower recall on SmolLM2 at budgets
+256-1024). The same forward yields the hidden states that a fused head reads (`feature_layers`,
+HF output_hidden_states indices). Stored in fp16.
 """
 from __future__ import annotations
 
