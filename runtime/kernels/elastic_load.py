@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from specontext_compiler.runtime.kernels._common import check_dtype, check_fixed, pow2, row_major
+from specontext_compiler.runtime.kernels._program import request_and_head
 
 # --- specialization: begin ---
 HEAD_DIM = 0          # D (0: from the inputs)
@@ -125,8 +126,7 @@ def _gather_rows_kernel(hk_ptr, hv_ptr, bk_ptr, bv_ptr, pos_ptr, slot_ptr,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
-    b = (pid // num_groups).to(tl.int64)
-    grp = (pid % num_groups).to(tl.int64)
+    b, grp = request_and_head(pid, num_groups)
     j = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     pos = tl.load(pos_ptr + b * i_sb + grp * i_sg + j, mask=j < width, other=-1).to(tl.int64)
     slot = tl.load(slot_ptr + b * i_sb + grp * i_sg + j, mask=j < width, other=-1).to(tl.int64)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from specontext_compiler.runtime.kernels._common import check_dtype, check_fixed, pow2, row_major
+from specontext_compiler.runtime.kernels._program import request_and_head
 
 # --- specialization: begin ---
 HEAD_DIM = 0          # D (0: from the inputs)
@@ -63,8 +64,7 @@ def _kv_append_kernel(ck_ptr, cv_ptr, k_ptr, v_ptr, start_ptr,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, HAS_V: tl.constexpr):
     pid = tl.program_id(0)
-    b = (pid // num_kv_heads).to(tl.int64)
-    h = (pid % num_kv_heads).to(tl.int64)
+    b, h = request_and_head(pid, num_kv_heads)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     pos = tl.load(start_ptr + b).to(tl.int64) + t
     rows_ok = (t < steps) & (pos < seq_max)

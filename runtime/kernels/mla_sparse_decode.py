@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from specontext_compiler.runtime.kernels._common import cdiv, check_dtype, check_fixed, pow2, row_major
+from specontext_compiler.runtime.kernels._program import request_and_head
 from specontext_compiler.runtime.kernels.sparse_decode import _combine_kernel
 
 # --- specialization: begin ---
@@ -74,8 +75,7 @@ def _mla_split_kernel(ql_ptr, qr_ptr, c_ptr, kr_ptr, idx_ptr, m_ptr, l_ptr, acc_
                       BLOCK_DR: tl.constexpr, BLOCK_W: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = (pid // heads).to(tl.int64)
-    h = (pid % heads).to(tl.int64)
+    b, h = request_and_head(pid, heads)
     r = tl.arange(0, BLOCK_R)
     dr = tl.arange(0, BLOCK_DR)
     q_lat = tl.load(ql_ptr + b * ql_sb + h * ql_sh + r, mask=r < R, other=0.0).to(tl.float32)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from specontext_compiler.runtime.kernels._common import cdiv, check_dtype, check_fixed, pow2, row_major
+from specontext_compiler.runtime.kernels._program import load_query_group, request_and_head
 
 # --- specialization: begin ---
 HEAD_DIM = 0          # D of the retrieval head (0: from the inputs)
@@ -63,15 +64,13 @@ def _logits_kernel(q_ptr, k_ptr, len_ptr, logit_ptr, m_ptr, l_ptr,
                    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
     blk = tl.program_id(1)
-    b = (pid // num_kv_heads).to(tl.int64)
-    h = (pid % num_kv_heads).to(tl.int64)
+    b, h = request_and_head(pid, num_kv_heads)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     pos = blk * BLOCK_S + tl.arange(0, BLOCK_S)
     seq_len = tl.load(len_ptr + b)
     ok = pos < seq_len
-    q = tl.load(q_ptr + b * q_sb + (h * GROUP + g)[:, None] * q_sh + d[None, :],
-                mask=(g[:, None] < GROUP) & (d[None, :] < D), other=0.0).to(tl.float32)
+    q = load_query_group(q_ptr, b, h, q_sb, q_sh, GROUP, D, BLOCK_G, BLOCK_D).to(tl.float32)
     k = tl.load(k_ptr + b * k_sb + h * k_sh + pos[:, None].to(tl.int64) * k_ss + d[None, :],
                 mask=ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
     s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling              # [BLOCK_G, BLOCK_S]

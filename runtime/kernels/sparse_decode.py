@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from specontext_compiler.runtime.kernels._common import cdiv, check_dtype, check_fixed, pow2, row_major
+from specontext_compiler.runtime.kernels._program import load_query_group, request_and_head
 
 # --- specialization: begin ---
 HEAD_DIM = 0          # D (0: from the inputs)
@@ -88,13 +89,11 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr,
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    b = (pid // num_kv_heads).to(tl.int64)
-    h = (pid % num_kv_heads).to(tl.int64)
+    b, h = request_and_head(pid, num_kv_heads)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(q_ptr + b * q_sb + (h * GROUP + g)[:, None] * q_sh + d[None, :],
-                mask=(g[:, None] < GROUP) & (d[None, :] < D), other=0.0)
+    q = load_query_group(q_ptr, b, h, q_sb, q_sh, GROUP, D, BLOCK_G, BLOCK_D)
     if not USE_DOT:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -140,8 +139,7 @@ def _combine_kernel(q_ptr, kn_ptr, vn_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
                     HAS_NEW: tl.constexpr):
     pid = tl.program_id(0)
-    b = (pid // num_kv_heads).to(tl.int64)
-    h = (pid % num_kv_heads).to(tl.int64)
+    b, h = request_and_head(pid, num_kv_heads)
     g = tl.arange(0, BLOCK_G)
     sp = tl.arange(0, BLOCK_S)
     dv = tl.arange(0, BLOCK_DV)
@@ -152,8 +150,7 @@ def _combine_kernel(q_ptr, kn_ptr, vn_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
     m_all = tl.max(m, axis=1)
     if HAS_NEW:   # the current token is a split of its own, holding one row
         d = tl.arange(0, BLOCK_D)
-        q = tl.load(q_ptr + b * q_sb + (h * GROUP + g)[:, None] * q_sh + d[None, :],
-                    mask=(g[:, None] < GROUP) & (d[None, :] < D)).to(tl.float32)
+        q = load_query_group(q_ptr, b, h, q_sb, q_sh, GROUP, D, BLOCK_G, BLOCK_D).to(tl.float32)
         k_new = tl.load(kn_ptr + b * kn_sb + h * kn_sh + d, mask=d < D).to(tl.float32)
         s_new = tl.sum(q * k_new[None, :], axis=1) * scaling
         m_all = tl.maximum(m_all, s_new)
