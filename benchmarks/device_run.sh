@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device-tool call: install this checkout on the GPU machine (it has torch, triton and
+# transformers but no PuLP, so the runtime installs without dependencies), then run one stage with
+# its log in $OUT. Plans are compiled beforehand here (benchmarks/compile_bench_plans.sh) and
+# carried in benchmarks/plans. Stages (each fits one 10-minute call):
+#   tests       kernel tests compiled for the GPU, and the GPU-marked runtime tests
+#   e2e128      bench_e2e.py at 128k: the sparse plan (its own batch) and the batch-1 plan
+#   workloads W bench_workloads.py for W (e.g. 32k:2k), --max-seconds from $MAX_SECONDS (default 420)
+set -euo pipefail
+stage="$1"; shift || true
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
+  cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+case "$stage" in
+  tests)
+    python3 -m pytest -q tests/runtime/kernels tests/runtime/test_fused_head.py -p no:cacheprovider \
+      2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+  e2e128)
+    python3 benchmarks/bench_e2e.py --contexts 130560 --methods sparse,sparse1 --steps 10 --out "$OUT" \
+      2>&1 | tee "$OUT/e2e128.log" | tail -25 ;;
+  workloads)
+    python3 benchmarks/bench_workloads.py --workloads "$1" --max-seconds "${MAX_SECONDS:-420}" \
+      2>&1 | tee "$OUT/workloads.log" | tail -25 ;;
+  *) echo "unknown stage '$stage' (tests | e2e128 | workloads W)" >&2; exit 2 ;;
+esac
