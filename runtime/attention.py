@@ -30,27 +30,15 @@ def dense_causal(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
 
 
 def _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling):
-    """The same through PyTorch's SDPA, one request and one KV head (its query group) at a time.
-
-    A boolean mask rules out the flash kernel; where SDPA falls back to its math path it holds
-    [heads, T, S] fp32 logits. For all 32 query heads of a 256-token chunk over a 34k history that
-    was 1.14 GiB, which ran the H100 out of memory in the [32k, 2k] workload (run 14); one KV
-    head's group at a time bounds it at group/heads of that. The KV head is broadcast to its
-    group as a view (stride 0), not copied.
-    """
+    """The same on the GPU through PyTorch's fused SDPA (no [heads, T, S] logits in memory)."""
     import torch.nn.functional as F
-    steps, num_kv_heads = q.shape[2], cache_k.shape[1]
-    group = q.shape[1] // num_kv_heads
+    steps = q.shape[2]
     outs = []
     for b in range(q.shape[0]):
         end = int(starts[b]) + steps
         query_pos = torch.arange(end - steps, end, device=q.device).view(steps, 1)
         mask = torch.arange(end, device=q.device).view(1, end) <= query_pos
-        heads = []
-        for h in range(num_kv_heads):
-            k = cache_k[b:b + 1, h:h + 1, :end].expand(1, group, end, cache_k.shape[-1])
-            v = cache_v[b:b + 1, h:h + 1, :end].expand(1, group, end, cache_v.shape[-1])
-            heads.append(F.scaled_dot_product_attention(q[b:b + 1, h * group:(h + 1) * group], k, v,
-                                                        attn_mask=mask, scale=scaling))
-        outs.append(torch.cat(heads, dim=1).transpose(1, 2))
+        out = F.scaled_dot_product_attention(q[b:b + 1], cache_k[b:b + 1, :, :end], cache_v[b:b + 1, :, :end],
+                                             attn_mask=mask, scale=scaling, enable_gqa=True)
+        outs.append(out.transpose(1, 2))
     return torch.cat(outs).to(q.dtype)
