@@ -6,11 +6,20 @@
 #   tests       kernel tests compiled for the GPU, and the GPU-marked runtime tests
 #   e2e128      bench_e2e.py at 128k: the sparse plan (its own batch) and the batch-1 plan
 #   workloads W bench_workloads.py for W (e.g. 32k:2k), --max-seconds from $MAX_SECONDS (default 420)
+# The fused-head GPU tests compile a plan, which needs PuLP: fetch its wheel here once
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl pulp==3.3.2      # 16 MB, bundles CBC
+# and carry `.whl` (with benchmarks/plans); it is installed to /tmp/site below. (Run 14 had no
+# PuLP there and those tests errored at set-up; this path has not run on the GPU yet.)
 set -euo pipefail
 stage="$1"; shift || true
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
   cat "$OUT/install.log"; exit 1; }
+if compgen -G ".whl/pulp-*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/pulp-*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 case "$stage" in
   tests)
