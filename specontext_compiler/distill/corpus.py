@@ -49,7 +49,7 @@ ANSWER = " {number}.\n"
 ADJECTIVES = ("blue", "north", "silver", "quiet", "old", "green", "east", "small", "red", "west")
 NOUNS = ("door", "gate", "locker", "account", "project", "garden", "bridge", "server", "library card",
          "invoice")
-FACTS_PER_DOCUMENT = 3
+FACTS_PER_DOCUMENT = 3            # per 2048 tokens of document (at least 3)
 # Query positions kept per answer: the question's last tokens and the answer's, where the model
 # has to look back at the fact.
 QUESTION_TAIL_TOKENS = 3
@@ -115,23 +115,28 @@ class RecallDocument:
     answer_positions: list[int]
 
 
-def _facts(rng: random.Random) -> list[tuple[str, str]]:
-    names = rng.sample([f"{a} {n}" for a in ADJECTIVES for n in NOUNS], FACTS_PER_DOCUMENT)
+def facts_for(length: int) -> int:
+    """Facts in a recall document of `length` tokens: FACTS_PER_DOCUMENT per 2048, at least that."""
+    return max(FACTS_PER_DOCUMENT, FACTS_PER_DOCUMENT * length // 2048)
+
+
+def _facts(rng: random.Random, count: int) -> list[tuple[str, str]]:
+    names = rng.sample([f"{a} {n}" for a in ADJECTIVES for n in NOUNS], count)
     return [(name, str(rng.randint(100, 999_999))) for name in names]
 
 
 def recall_document(tokenizer, prose: list[int], seed: int) -> RecallDocument:
-    """len(prose) tokens: prose with FACTS_PER_DOCUMENT facts in its first half, questions and
+    """len(prose) tokens: prose with facts_for(len(prose)) facts in its first half, questions and
     answers (in another order) in its second half; prose fills the rest."""
     rng = random.Random(seed)
-    facts = _facts(rng)
+    facts = _facts(rng, facts_for(len(prose)))
     inserts = [_encode(tokenizer, FACT.format(name=n, number=v)) for n, v in facts]
     asked = rng.sample(facts, len(facts))
     questions = [(_encode(tokenizer, QUESTION.format(name=n)), _encode(tokenizer, ANSWER.format(number=v)))
                  for n, v in asked]
     inserted = sum(map(len, inserts)) + sum(len(q) + len(a) for q, a in questions)
     base = len(prose) - inserted
-    if base < 4 * FACTS_PER_DOCUMENT:
+    if base < 4 * len(facts):
         raise SpecontextError(f"a recall document of {len(prose)} tokens cannot hold its facts and "
                               f"questions ({inserted} tokens); use a longer sequence")
     fact_cuts = sorted(rng.sample(range(1, base // 2), len(inserts)))

@@ -3,7 +3,8 @@
 One passkey prompt (context + question) is prefilled densely. For the question's last token, each
 head scores the context as head-level selection does (max over a KV group's query heads); we report
 the worst rank of the key's digit tokens per KV group (the selection keeps ranks below its budget).
-Beside it, the LLM's own softmax weight on those digits per layer, averaged over query heads.
+Beside it, the LLM's own softmax weight on those digits per layer, averaged over query heads, and
+their worst rank under the layer-mean attention (what `specontext distill` fits a head to).
 
     .venv/bin/python -m specontext_compiler.eval.needle [length] [depth] [head ...]
 """
@@ -42,9 +43,14 @@ def needle_ranks(model, tokenizer, heads, *, length: int = 8192, depth: float = 
         grouped = selection.group_scores(scores[None], head.selection_kv_heads)[0]           # [G, S]
         ranks = grouped.argsort(-1, descending=True).argsort(-1)[:, digits]
         out["heads"][name] = ranks.amax(-1).tolist()
+    mean = 0
     for layer in range(len(captured.qk)):
         weights = _llm_weights(*captured.qk[layer], 0, last)                                    # [Hq, last+1]
         out["llm_share"].append(round(float(weights[:, digits].sum(-1).mean()), 4))
+        mean = mean + weights.mean(0) / len(captured.qk)
+    # The distiller's target ranks them too: the layer-mean attention, sink excluded (always kept).
+    mean[0] = float("-inf")
+    out["llm_mean_worst_rank"] = int(mean.argsort(descending=True).argsort()[digits].max())
     return out
 
 

@@ -20,7 +20,7 @@ def test_recall_document_holds_each_fact_before_its_answer(tokenizer):
     document = corpus.recall_document(tokenizer, prose, seed=5)
     text = tokenizer.decode(document.ids)
     assert len(document.ids) == len(prose)
-    assert len(document.facts) == corpus.FACTS_PER_DOCUMENT
+    assert len(document.facts) == corpus.facts_for(len(document.ids))
     for name, number in document.facts:
         fact = text.index(corpus.FACT.format(name=name, number=number))
         question = text.index(corpus.QUESTION.format(name=name) + corpus.ANSWER.format(number=number))
