@@ -27,9 +27,20 @@ def key_positions(tokenizer, context: list[int], key: str) -> list[int]:
     return [i for i in range(start, start + len(needle)) if tokenizer.decode([context[i]]).strip().isdigit()]
 
 
+def distance_histogram(grouped: torch.Tensor, budget: int, bin_tokens: int = 1024) -> list[list[int]]:
+    """Per group, how many of its top-`budget` positions fall in each bin of `bin_tokens` positions:
+    an even spread, or clusters where the head's RoPE phases align."""
+    top = grouped.topk(min(budget, grouped.shape[-1]), dim=-1).indices
+    bins = -(-grouped.shape[-1] // bin_tokens)
+    return [torch.bincount(row // bin_tokens, minlength=bins).tolist() for row in top]
+
+
 @torch.no_grad()
-def needle_ranks(model, tokenizer, heads, *, length: int = 8192, depth: float = 0.5, seed: int = 7) -> dict:
-    """{"heads": name -> worst digit rank per KV group, "llm_share": per-layer weight on the digits}."""
+def needle_ranks(model, tokenizer, heads, *, length: int = 8192, depth: float = 0.5, seed: int = 7,
+                 budget: int = 2048) -> dict:
+    """{"heads": name -> worst digit rank per KV group, "selected_per_1024": name -> per group the
+    top-`budget` positions per 1024-token bin, "llm_share": per-layer weight on the digits,
+    "llm_mean_worst_rank": the digits' worst rank under the layer-mean attention}."""
     key = passkey(seed)
     context, question = passkey_prompt(tokenizer, length - 8, depth, key)
     ids = torch.tensor([context + question])
@@ -43,6 +54,7 @@ def needle_ranks(model, tokenizer, heads, *, length: int = 8192, depth: float = 
         grouped = selection.group_scores(scores[None], head.selection_kv_heads)[0]           # [G, S]
         ranks = grouped.argsort(-1, descending=True).argsort(-1)[:, digits]
         out["heads"][name] = ranks.amax(-1).tolist()
+        out.setdefault("selected_per_1024", {})[name] = distance_histogram(grouped, budget)
     mean = 0
     for layer in range(len(captured.qk)):
         weights = _llm_weights(*captured.qk[layer], 0, last)                                    # [Hq, last+1]
