@@ -36,6 +36,9 @@ def head_file(tmp_path_factory, make_fused_head):
 
 
 def fused_plan(tmp_path_factory, head_file, name, **workload):
+    # The GPU machine has no PuLP: skip there rather than error, unless its wheel was carried
+    # (benchmarks/device_run.sh says how).
+    pytest.importorskip("pulp", reason="compiling a plan needs PuLP")
     out = tmp_path_factory.mktemp("plans") / name
     compile_model("tiny-llama", target="h100", max_len=512, dlm=str(head_file), out=out, **workload)
     return load_plan(out)
