@@ -99,10 +99,11 @@ class Engine:
             done[slot] = False
         eos = getattr(self.tokenizer, "eos_token_id", None) if stop_at_eos else None
         for step in range(max_new_tokens):
+            tokens = next_ids[:, 0].tolist()      # one device-to-host copy a step, not one per slot
             for slot, (index, request) in enumerate(wave):
                 if done[slot]:
                     continue
-                token = int(next_ids[slot, 0])
+                token = tokens[slot]
                 request.token_ids.append(token)
                 if stream is not None:
                     stream(index, token)
@@ -112,7 +113,7 @@ class Engine:
                 break
             self.memory.before_step(int(ctx.cache_len.max()))
             logits = self.step.run(next_ids, ctx.cache_len.view(-1, 1).clone())
-            self.last_logits, self.last_tokens = logits, [int(t) for t in next_ids[:, 0]]
+            self.last_logits = logits             # the newest step's, for tests comparing with HF
             next_ids = sample(logits[:, -1], temperature, top_p, generator).view(-1, 1).to(self.device)
 
     def _prefill(self, slot: int, prompt_ids: list[int]) -> torch.Tensor:
