@@ -59,23 +59,26 @@ class LayerKV:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        """Tokens both caches hold (K can be ahead of V after a grow that ran out of memory)."""
+        return min(self.k.shape[2], self.v.shape[2])
 
     def _to_host(self, filled: int) -> None:
+        # Everything is allocated before anything is replaced: an allocation that fails leaves the
+        # layer as it was (on the GPU, usable), so the engine can report it and serve on.
         lay = self.layout
         pin = lay.device.type == "cuda"
         host_k = torch.empty((lay.slots, lay.num_kv_heads, lay.max_len, lay.head_dim),
                              dtype=lay.dtype, pin_memory=pin)
         host_v = torch.empty((lay.slots, lay.num_kv_heads, lay.max_len, lay.v_head_dim),
                              dtype=lay.dtype, pin_memory=pin)
+        buf_k = torch.empty((lay.slots, lay.num_kv_heads, lay.width, lay.head_dim),
+                            dtype=lay.dtype, device=lay.device)
+        buf_v = torch.empty((lay.slots, lay.num_kv_heads, lay.width, lay.v_head_dim),
+                            dtype=lay.dtype, device=lay.device)
         if filled and self.k is not None:
             host_k[:, :, :filled].copy_(self.k[:, :, :filled])
             host_v[:, :, :filled].copy_(self.v[:, :, :filled])
-        self.k, self.v = host_k, host_v
-        self.buf_k = torch.empty((lay.slots, lay.num_kv_heads, lay.width, lay.head_dim),
-                                 dtype=lay.dtype, device=lay.device)
-        self.buf_v = torch.empty((lay.slots, lay.num_kv_heads, lay.width, lay.v_head_dim),
-                                 dtype=lay.dtype, device=lay.device)
+        self.k, self.v, self.buf_k, self.buf_v = host_k, host_v, buf_k, buf_v
         self.offloaded = True
 
     def offload(self, filled: int) -> None:
@@ -110,8 +113,11 @@ class LayerKV:
         lay = self.layout
         capacity = min(capacity, lay.max_len)
         # K first, then V: only one of the two is ever held twice (the memory model counts that).
-        self.k = _regrown(self.k, capacity, filled)
-        self.v = _regrown(self.v, capacity, filled)
+        # If V's allocation fails, K stays grown and a later call grows V alone.
+        if self.k.shape[2] < capacity:
+            self.k = _regrown(self.k, capacity, filled)
+        if self.v.shape[2] < capacity:
+            self.v = _regrown(self.v, capacity, filled)
 
 
 def _regrown(old: torch.Tensor, capacity: int, filled: int) -> torch.Tensor:

@@ -109,3 +109,36 @@ def test_sampling_with_seed_is_reproducible_and_streams(tiny_model, dense_plan):
                              stop_at_eos=False)[0]
     assert first.token_ids == second.token_ids
     assert seen == [(0, t) for t in first.token_ids]
+
+
+def with_growth_at(plan, length):
+    """The same plan, but every layer starts with room for `length` tokens and grows there."""
+    num = plan.model["num_layers"]
+    plan = dataclasses.replace(plan, segments=[Segment(0, length, list(range(num)), [], {}),
+                                               Segment(length, plan.workload["max_len"], list(range(num)), [], {})])
+    return plan
+
+
+def test_out_of_gpu_memory_in_a_grow_is_one_error_and_the_engine_serves_on(tiny_model, dense_plan, monkeypatch):
+    from specontext_compiler.runtime import kv_store
+    plan = with_growth_at(dense_plan, 16)
+    plan.directory = dense_plan.directory
+    engine = plan.bind(tiny_model, device="cpu")
+    prompt = torch.randint(3, 256, (12,)).tolist()
+    real_regrown, calls = kv_store._regrown, []
+
+    def v_runs_out(old, capacity, filled):    # K grows, then V's allocation fails
+        calls.append(capacity)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.14 GiB")
+        return real_regrown(old, capacity, filled)
+
+    monkeypatch.setattr(kv_store, "_regrown", v_runs_out)
+    with pytest.raises(RuntimeResourceError, match="growing to 512 tokens layer 0's KV cache .* smaller --batch"):
+        engine.generate([prompt], max_new_tokens=10, stop_at_eos=False)
+    layer = engine.ctx.store.layers[0]
+    assert (layer.k.shape[2], layer.v.shape[2], layer.capacity) == (512, 16, 16)   # usable as it was
+    # The next request grows what is left (V of layer 0 alone, then the others) and matches HF.
+    result = engine.generate([prompt], max_new_tokens=10, stop_at_eos=False)[0]
+    assert result.token_ids == hf_greedy(tiny_model, prompt, 10)
+    assert all(layer.capacity == 512 for layer in engine.ctx.store.layers)
