@@ -35,12 +35,13 @@ class MemoryManager:
                    and layer.capacity < min(segment.to_len, self.ctx.store.layout.max_len)]
         try:
             for index in moving:
-                self._act(index, "moving to pinned host memory", layers[index].offload, filled=filled)
+                self._act(f"moving layer {index}'s KV cache to pinned host memory", layers[index].offload,
+                          filled=filled)
                 self.moves.append((seq_len, index))
             if growing:
                 _return_cached_blocks()
             for index in growing:
-                self._act(index, f"growing to {segment.to_len} tokens", layers[index].grow,
+                self._act(f"growing layer {index}'s KV cache to {segment.to_len} tokens", layers[index].grow,
                           segment.to_len, filled=filled)
         finally:
             if moving or growing:          # tensors may have moved even if a later one failed
@@ -48,7 +49,7 @@ class MemoryManager:
                     callback()
         return moving
 
-    def _act(self, index: int, what: str, action, *args, **kwargs) -> None:
+    def _act(self, what: str, action, *args, **kwargs) -> None:
         """Run one layer's move or grow; out of memory becomes one error that says what to change.
 
         Every action allocates before it replaces, so the layer stays usable: the request fails,
@@ -57,15 +58,15 @@ class MemoryManager:
             action(*args, **kwargs)
         except torch.cuda.OutOfMemoryError:
             raise RuntimeResourceError(
-                f"out of GPU memory {what} layer {index}'s KV cache for {self.ctx.store.layout.slots} "
-                f"request slots ({_allocated_gb():.1f} GB allocated): the plan leaves too little headroom "
-                "on this GPU; recompile with a smaller --batch") from None
+                f"out of GPU memory {what} for {self.ctx.store.layout.slots} request slots "
+                f"({_allocated_gb():.1f} GB allocated): the plan leaves too little headroom on this GPU; "
+                "recompile with a smaller --batch") from None
         except RuntimeError as exc:
-            if "pin" not in str(exc).lower() and "alloc" not in str(exc).lower():
+            if not any(word in str(exc).lower() for word in ("pin", "alloc", "out of memory")):
                 raise
             raise RuntimeResourceError(
-                f"out of pinned host memory {what} layer {index}'s KV cache ({exc}); recompile with a "
-                "smaller --batch or --max-len") from None
+                f"out of pinned host memory {what} ({exc}); recompile with a smaller --batch or "
+                "--max-len") from None
 
 
 def _return_cached_blocks() -> None:

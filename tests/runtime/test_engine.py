@@ -134,7 +134,7 @@ def test_out_of_gpu_memory_in_a_grow_is_one_error_and_the_engine_serves_on(tiny_
         return real_regrown(old, capacity, filled)
 
     monkeypatch.setattr(kv_store, "_regrown", v_runs_out)
-    with pytest.raises(RuntimeResourceError, match="growing to 512 tokens layer 0's KV cache .* smaller --batch"):
+    with pytest.raises(RuntimeResourceError, match="growing layer 0's KV cache to 512 tokens for 1 request slots .* smaller --batch"):
         engine.generate([prompt], max_new_tokens=10, stop_at_eos=False)
     layer = engine.ctx.store.layers[0]
     assert (layer.k.shape[2], layer.v.shape[2], layer.capacity) == (512, 16, 16)   # usable as it was
