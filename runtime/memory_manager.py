@@ -29,10 +29,12 @@ class MemoryManager:
         """
         segment = self.plan.segment_for(seq_len + 1)
         layers = self.ctx.store.layers
-        filled = int(self.ctx.cache_len.max())        # every slot's history must survive the move
         moving = sorted((i for i in segment.offloaded_layers if not layers[i].offloaded), reverse=True)
         growing = [i for i, layer in enumerate(layers) if i not in moving and not layer.offloaded
                    and layer.capacity < min(segment.to_len, self.ctx.store.layout.max_len)]
+        if not (moving or growing):    # most steps: no device-to-host read of the lengths
+            return moving
+        filled = int(self.ctx.cache_len.max())        # every slot's history must survive the move
         try:
             for index in moving:
                 self._act(f"moving layer {index}'s KV cache to pinned host memory", layers[index].offload,
@@ -43,10 +45,9 @@ class MemoryManager:
             for index in growing:
                 self._act(f"growing layer {index}'s KV cache to {segment.to_len} tokens", layers[index].grow,
                           segment.to_len, filled=filled)
-        finally:
-            if moving or growing:          # tensors may have moved even if a later one failed
-                for callback in self.on_change:
-                    callback()
+        finally:                       # tensors may have moved even if a later one failed
+            for callback in self.on_change:
+                callback()
         return moving
 
     def _act(self, what: str, action, *args, **kwargs) -> None:
