@@ -264,12 +264,16 @@ class RetrievalHead:
     def _metadata(self) -> dict:
         return {name: getattr(self, name) for name in _SHAPE_FIELDS} | {"format_version": FORMAT_VERSION}
 
-    def save(self, path: str | Path) -> Path:
-        """Write a safetensors file; a shared embedding is recorded by name, not stored."""
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The safetensors file `save` writes, in memory; a shared embedding is recorded by name, not stored."""
+        from safetensors.torch import save
         tensors = {n: getattr(self, n).contiguous() for n in _TENSORS
                    if getattr(self, n) is not None and not (n == "embedding" and self.embedding_shared)}
-        save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(self._metadata())})
+        return save(tensors, metadata={METADATA_KEY: json.dumps(self._metadata())})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the head as a safetensors file (`load` reads it)."""
+        Path(path).write_bytes(self.to_bytes())
         return Path(path)
 
     @classmethod

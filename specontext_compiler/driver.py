@@ -7,7 +7,6 @@ so far)`, so the CLI can show rich progress; the plan is written atomically at t
 from __future__ import annotations
 
 import platform
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -137,13 +136,7 @@ def _retrieval_head(dlm: str | None, source, spec):
     head, report = extract_retrieval_head(dlm, source.config)
     shape = HeadShape(head_num_heads=head.num_heads, head_num_kv_heads=head.num_kv_heads, head_dim=head.head_dim,
                       head_input_dim=head.input_width, head_params=head.param_count(include_embedding=False))
-    return {**report, "source": str(dlm), "file": HEAD_FILE}, {HEAD_FILE: _head_bytes(head)}, shape
-
-
-def _head_bytes(head) -> bytes:
-    """The head as `RetrievalHead.save` writes it (safetensors), for the plan directory."""
-    with tempfile.TemporaryDirectory() as scratch:
-        return head.save(Path(scratch) / HEAD_FILE).read_bytes()
+    return {**report, "source": str(dlm), "file": HEAD_FILE}, {HEAD_FILE: head.to_bytes()}, shape
 
 
 def _workload_fields(workload, solution, source) -> dict:
