@@ -419,8 +419,9 @@ def distill_cmd(
     """
     _check_distill_options(out, sequences=sequences, seq_len=seq_len, epochs=epochs,
                            **({"threads": threads} if threads is not None else {}))
-    if teacher not in ("mean", "max"):
-        raise SpecontextError(f"--teacher {teacher!r}: choose mean or max")
+    from specontext_compiler.distill.teacher import AGGREGATES
+    if teacher not in AGGREGATES:        # before the model load, which takes the time
+        raise SpecontextError(f"--teacher {teacher!r}: choose {' or '.join(AGGREGATES)}")
     import torch
 
     from specontext_compiler.distill import distill_retrieval_head
