@@ -13,16 +13,14 @@ object with `input_ids` (a Hugging Face tokenizer, or a stand-in in tests).
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import random
-import re
 import warnings
 from dataclasses import dataclass
 
 from specontext_compiler.errors import SpecontextError
 from specontext_compiler.eval.text import MODULES as EVAL_MODULES
 from specontext_compiler.eval.text import docstring_paragraphs as eval_paragraphs
+from specontext_compiler.eval.text import module_paragraphs
 
 TRAIN_MODULES = (
     "urllib.request", "urllib.parse", "urllib.robotparser", "http.client", "http.server", "http.cookies",
@@ -59,27 +57,6 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _module_paragraphs(name: str) -> list[str]:
-    """Prose paragraphs (>= 80 characters, no doctest) of one module's and its members' docstrings."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = importlib.import_module(name)
-    except ImportError:          # a trimmed Python build: the corpus is just shorter
-        return []
-    objects = [module] + [getattr(module, member, None) for member in sorted(dir(module))
-                          if not member.startswith("_")]
-    paragraphs = []
-    for obj in objects:
-        if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj)):
-            continue
-        for block in re.split(r"\n\s*\n", inspect.getdoc(obj) or ""):
-            text = " ".join(block.split())
-            if len(text) >= 80 and ">>>" not in text:
-                paragraphs.append(text)
-    return paragraphs
-
-
 def training_paragraphs() -> list[str]:
     """Distinct prose paragraphs of TRAIN_MODULES, in a fixed order, none of them in the eval's text."""
     with warnings.catch_warnings():       # the eval's text reads deprecated aliases (typing.io)
@@ -87,7 +64,7 @@ def training_paragraphs() -> list[str]:
         seen = set(eval_paragraphs())
     paragraphs = []
     for name in TRAIN_MODULES:
-        for text in _module_paragraphs(name):
+        for text in module_paragraphs(name):
             if text not in seen:
                 seen.add(text)
                 paragraphs.append(text)

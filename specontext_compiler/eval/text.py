@@ -12,6 +12,7 @@ import inspect
 import random
 import re
 import sys
+import warnings
 
 MODULES = ("collections", "functools", "itertools", "os", "pathlib", "json", "re", "string", "textwrap",
            "argparse", "logging", "subprocess", "typing", "dataclasses", "inspect", "unittest", "email",
@@ -26,25 +27,38 @@ FILLER = "The river runs to the sea. The hills are quiet at night. The road goes
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 
 
+def module_paragraphs(name: str) -> list[str]:
+    """Prose paragraphs (>= 80 characters, no doctest) of one module's and its public members'
+    docstrings, in a fixed order; none if the module is missing (a trimmed Python build)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = importlib.import_module(name)
+    except ImportError:
+        return []
+    objects = [module] + [getattr(module, member, None) for member in sorted(dir(module))
+                          if not member.startswith("_")]
+    paragraphs = []
+    for obj in objects:
+        if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj)):
+            continue
+        for block in re.split(r"\n\s*\n", inspect.getdoc(obj) or ""):
+            text = " ".join(block.split())
+            if len(text) >= 80 and ">>>" not in text:
+                paragraphs.append(text)
+    return paragraphs
+
+
 def docstring_paragraphs() -> list[str]:
     """Prose paragraphs from the docstrings of MODULES and their public members, in a fixed order."""
     seen, paragraphs = set(), []
     for name in MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:       # a trimmed Python build; the text is just shorter
-            continue
-        objects = [module] + [getattr(module, m) for m in sorted(dir(module)) if not m.startswith("_")]
-        for obj in objects:
-            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj)
-                                          or inspect.isroutine(obj)) else None
-            for para in re.split(r"\n\s*\n", doc or ""):
-                text = " ".join(para.split())
-                # Prose only: skip code samples, tables and 5-digit numbers that could pose as a key.
-                if len(text) < 80 or ">>>" in text or re.search(r"\d{5}", text) or text in seen:
-                    continue
-                seen.add(text)
-                paragraphs.append(text)
+        for text in module_paragraphs(name):
+            # No 5-digit numbers: one could pose as the passkey.
+            if re.search(r"\d{5}", text) or text in seen:
+                continue
+            seen.add(text)
+            paragraphs.append(text)
     return paragraphs
 
 
