@@ -13,24 +13,10 @@ from specontext_compiler.runtime.plan import Segment
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    config = load_preset_config("tiny-llama")
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def dense_plan(tmp_path_factory):
     out = tmp_path_factory.mktemp("plans") / "dense"
     compile_model("tiny-llama", target="h100", max_len=512, budget=512, recent_tokens=0, out=out)
     return load_plan(out)
-
-
-def hf_greedy(model, prompt, new_tokens):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
-    return out[0, len(prompt):].tolist()
 
 
 def with_offload_at(plan, length, layers):
@@ -43,7 +29,7 @@ def with_offload_at(plan, length, layers):
     return plan
 
 
-def test_dense_budget_matches_hf_greedy_token_for_token(tiny_model, dense_plan):
+def test_dense_budget_matches_hf_greedy_token_for_token(tiny_model, hf_greedy, dense_plan):
     engine = dense_plan.bind(tiny_model, device="cpu")
     prompts = [torch.randint(3, 256, (n,)).tolist() for n in (9, 23)]
     results = engine.generate(prompts, max_new_tokens=12, stop_at_eos=False)
@@ -51,7 +37,7 @@ def test_dense_budget_matches_hf_greedy_token_for_token(tiny_model, dense_plan):
         assert result.token_ids == hf_greedy(tiny_model, prompt, 12)
 
 
-def test_layers_offloaded_mid_generation_still_match_hf(tiny_model, dense_plan):
+def test_layers_offloaded_mid_generation_still_match_hf(tiny_model, hf_greedy, dense_plan):
     plan = with_offload_at(dense_plan, 20, [1, 2])
     plan.directory = dense_plan.directory
     engine = plan.bind(tiny_model, device="cpu")
@@ -119,7 +105,7 @@ def with_growth_at(plan, length):
     return plan
 
 
-def test_out_of_gpu_memory_in_a_grow_is_one_error_and_the_engine_serves_on(tiny_model, dense_plan, monkeypatch):
+def test_out_of_gpu_memory_in_a_grow_is_one_error_and_the_engine_serves_on(tiny_model, hf_greedy, dense_plan, monkeypatch):
     from specontext_compiler.runtime import kv_store
     plan = with_growth_at(dense_plan, 16)
     plan.directory = dense_plan.directory

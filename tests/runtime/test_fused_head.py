@@ -8,7 +8,6 @@ prefill, attention over selected rows), so 1e-5.
 """
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from specontext_compiler import compile_model, load_plan
 from specontext_compiler.dlm import extract_retrieval_head
@@ -19,12 +18,6 @@ from specontext_compiler.runtime.retrieval_head import RetrievalHead
 
 FEATURE_LAYERS = (0, 2)
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(load_preset_config("tiny-llama"), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +51,6 @@ def hf_head_qk(model, head, ids):
     return head.project(torch.tensor([ids]), torch.arange(len(ids))[None], previous)
 
 
-def hf_greedy(model, prompt, new_tokens):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                             min_new_tokens=new_tokens)
-    return out[0, len(prompt):].tolist()
-
-
 def test_plan_stores_the_fused_head_and_taps_its_layers(covering_plan):
     info = covering_plan.retrieval_head
     assert info["feature_layers"] == list(FEATURE_LAYERS) and info["kind"] == "head-file"
@@ -74,7 +60,7 @@ def test_plan_stores_the_fused_head_and_taps_its_layers(covering_plan):
     assert "record_features.default(" in (covering_plan.directory / "decode_graph.py").read_text()
 
 
-def test_head_k_cache_after_chunked_prefill_and_decode_equals_hf(tiny_model, covering_plan):
+def test_head_k_cache_after_chunked_prefill_and_decode_equals_hf(tiny_model, hf_greedy, covering_plan):
     engine = covering_plan.bind(tiny_model, device="cpu", batch=2)
     engine.prefill_chunk = 16            # 33 tokens: chunks of 16, 16 and a 1-token tail; 20: 16 and 4
     engine.generate([torch.randint(3, 256, (12,)).tolist()], max_new_tokens=3, stop_at_eos=False)  # a used slot
@@ -95,7 +81,7 @@ def test_head_k_cache_after_chunked_prefill_and_decode_equals_hf(tiny_model, cov
         assert result.token_ids == hf_greedy(tiny_model, prompt, 6)
 
 
-def test_dense_budget_with_fused_head_matches_hf_greedy(tiny_model, tmp_path_factory, head_file):
+def test_dense_budget_with_fused_head_matches_hf_greedy(tiny_model, hf_greedy, tmp_path_factory, head_file):
     plan = fused_plan(tmp_path_factory, head_file, "dense", budget=512, recent_tokens=0)
     engine = plan.bind(tiny_model, device="cpu")
     engine.prefill_chunk = 8
