@@ -6,6 +6,8 @@
 #   tests       kernel tests compiled for the GPU, and the GPU-marked runtime tests
 #   e2e128      bench_e2e.py at 128k: the sparse plan (its own batch) and the batch-1 plan
 #   workloads W bench_workloads.py for W (e.g. 32k:2k), --max-seconds from $MAX_SECONDS (default 420)
+#   profile     profile_step.py: the 128k sparse step (graph and eager), the 128k batch-1 step, and
+#               the [2k, 16k] plan's step at 10k tokens, piece by piece against the latency model
 # The fused-head GPU tests compile a plan, which needs PuLP: fetch its wheel here once
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl pulp==3.3.2      # 16 MB, bundles CBC
@@ -31,5 +33,12 @@ case "$stage" in
   workloads)
     python3 benchmarks/bench_workloads.py --workloads "$1" --max-seconds "${MAX_SECONDS:-420}" \
       2>&1 | tee "$OUT/workloads.log" | tail -25 ;;
-  *) echo "unknown stage '$stage' (tests | e2e128 | workloads W)" >&2; exit 2 ;;
+  profile)
+    for args in "sparse-130560 130560" "sparse-130560 130560 --eager" "sparse1-130560 130560" \
+                "wl-2048-16384 10240"; do
+      set -- $args
+      python3 benchmarks/profile_step.py --plan "benchmarks/plans/$1" --context "$2" ${3:-} --out "$OUT" \
+        2>&1 | tee -a "$OUT/profile.log" | tail -22
+    done ;;
+  *) echo "unknown stage '$stage' (tests | e2e128 | workloads W | profile)" >&2; exit 2 ;;
 esac

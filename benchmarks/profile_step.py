@@ -1,0 +1,145 @@
+"""Where one captured decode step's time goes on the GPU, piece by piece, against the plan's model.
+
+    python benchmarks/profile_step.py --plan benchmarks/plans/sparse-130560 --context 130560 --out $OUT
+
+Builds the plan's model with random weights (as bench_e2e.py), fills every slot to `context`, replays
+the captured step a few times, then profiles more replays with torch.profiler. From the trace it sums
+GPU kernel time by piece (retrieval scoring, top-k, elastic diff, host gather, sparse attention, GEMMs,
+the rest) and each stream's busy time, and prints them beside the latency model's breakdown at the
+selection overlap this run measured (cost_models/plan_prediction.py). Writes the Chrome trace and a
+JSON summary to OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import fill_store_randomly, random_llama  # noqa: E402  (benchmark-local module)
+
+from specontext_compiler.cost_models.plan_prediction import predicted_step  # noqa: E402
+from specontext_compiler.runtime.plan import load_plan  # noqa: E402
+
+# Kernel name fragment -> piece; first match wins. Our Triton kernels keep their function names
+# (runtime/kernels/); top-k and the elastic diff are torch sort/top-k/search kernels, counted together.
+PIECES = [
+    ("_logits_kernel", "retrieval scores"), ("_group_max_kernel", "retrieval scores"),
+    ("topk", "top-k + diff (torch)"), ("sort", "top-k + diff (torch)"), ("radix", "top-k + diff (torch)"),
+    ("bitonic", "top-k + diff (torch)"), ("search", "top-k + diff (torch)"),
+    ("_gather_rows_kernel", "host gather"),
+    ("_split_kernel", "sparse attention"), ("_combine_kernel", "sparse attention"),
+    ("_kv_append_kernel", "KV append"),
+    ("gemm", "GEMM"), ("cutlass", "GEMM"), ("nvjet", "GEMM"), ("sm90", "GEMM"), ("cublas", "GEMM"),
+]
+
+
+def piece_of(kernel: str) -> str:
+    lowered = kernel.lower()
+    return next((piece for fragment, piece in PIECES if fragment in lowered), "other")
+
+
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (us in, ms out)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total / 1e3
+
+
+def summarize(trace_path: Path, replays: int) -> dict:
+    """Per piece and per stream GPU time of the traced replays, per step (ms)."""
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    per_piece, per_stream = defaultdict(float), defaultdict(list)
+    names = defaultdict(float)
+    for e in kernels:
+        per_piece[piece_of(e["name"])] += e["dur"] / 1e3 / replays
+        names[e["name"][:90]] += e["dur"] / 1e3 / replays
+        per_stream[e["args"].get("stream", -1)].append((e["ts"], e["ts"] + e["dur"]))
+    span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) / 1e3 / replays if kernels else 0
+    return {"kernels": len(kernels) // max(replays, 1),
+            "piece_ms": dict(sorted(per_piece.items(), key=lambda kv: -kv[1])),
+            "stream_busy_ms": {str(s): busy_ms(iv) / replays for s, iv in per_stream.items()},
+            "span_ms": span,
+            "top_kernels_ms": dict(sorted(names.items(), key=lambda kv: -kv[1])[:15])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", default="benchmarks/plans/sparse-130560")
+    parser.add_argument("--context", type=int, default=130560)
+    parser.add_argument("--warm", type=int, default=5)
+    parser.add_argument("--replays", type=int, default=5)
+    parser.add_argument("--eager", action="store_true", help="profile without the CUDA graph")
+    parser.add_argument("--out", default=os.environ.get("OUT", "profile_out"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    preset = Path(__file__).resolve().parents[1] / "specontext_compiler" / "presets" / "llama-3.1-8b.json"
+    model = random_llama(preset, "cuda")
+    engine = load_plan(args.plan).bind(model, use_cuda_graph=not args.eager)
+    fill_store_randomly(engine, args.context)
+    ids = torch.randint(0, 1000, (engine.slots, 1), device="cuda")
+
+    def step():
+        nonlocal ids
+        engine.memory.before_step(int(engine.ctx.cache_len.max()))
+        logits = engine.step.run(ids, engine.ctx.cache_len.view(-1, 1).clone())
+        ids = logits[:, -1].argmax(-1, keepdim=True)
+
+    for _ in range(args.warm):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.replays):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / args.replays
+
+    trace = out / f"trace-{Path(args.plan).name}{'-eager' if args.eager else ''}.json"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.replays):
+            step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(trace))
+    summary = summarize(trace, args.replays)
+    stats = engine.stats()
+    model_step = predicted_step(engine.plan, args.context, stats["selection_overlap"])
+    summary.update({"plan": args.plan, "context": args.context, "batch": engine.slots, "eager": args.eager,
+                    "wall_ms_per_step": wall_ms, "overlap": stats["selection_overlap"],
+                    "offloaded_layers": len(engine.plan.segment_for(args.context).offloaded_layers),
+                    "model": {k: getattr(model_step, k) for k in
+                              ("retrieval_ms", "compute_ms", "transfer_ms", "stall_ms", "step_ms", "h2d_bytes_per_step")}})
+    (out / f"profile-{Path(args.plan).name}{'-eager' if args.eager else ''}.json").write_text(json.dumps(summary, indent=1))
+    print_tables(summary)
+
+
+def print_tables(s: dict) -> None:
+    m = s["model"]
+    print(f"\n{s['plan']} at {s['context']} tokens, batch {s['batch']}, {s['offloaded_layers']} offloaded layers, "
+          f"{'eager' if s['eager'] else 'CUDA graph'}: {s['wall_ms_per_step']:.1f} ms/step wall, "
+          f"overlap {s['overlap']:.3f}, {s['kernels']} kernels/step, kernel span {s['span_ms']:.1f} ms")
+    print(f"model at this overlap: retrieval {m['retrieval_ms']:.1f}, compute {m['compute_ms']:.1f}, "
+          f"copy stream {m['transfer_ms']:.1f}, stall {m['stall_ms']:.1f}, step {m['step_ms']:.1f} ms; "
+          f"H2D {m['h2d_bytes_per_step'] / 1e6:.0f} MB/step")
+    print("\n| piece | GPU ms/step |\n|---|---|")
+    for piece, ms in s["piece_ms"].items():
+        print(f"| {piece} | {ms:.2f} |")
+    print("\n| stream | busy ms/step |\n|---|---|")
+    for stream, ms in s["stream_busy_ms"].items():
+        print(f"| {stream} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
