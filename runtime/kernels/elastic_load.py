@@ -28,7 +28,8 @@ HEAD_DIM = 0          # D (0: from the inputs)
 V_HEAD_DIM = 0        # Dv
 GROUPS = 0            # G
 WIDTH = 0             # W
-BLOCK_R = 0           # rows per program (0: chosen by _block_rows)
+BLOCK_R = 0           # rows per block (0: chosen by _block_rows)
+PROGRAMS = 0          # programs looping over the blocks (0: an eighth of the SMs; -1: one per block)
 DTYPE = None
 # --- specialization: end ---
 
@@ -118,29 +119,47 @@ def _block_rows(width: int, block_d: int) -> int:
     return BLOCK_R or max(1, min(pow2(width), 8192 // block_d))
 
 
+def _programs(items: int, device: torch.device) -> int:
+    """Programs to launch: a few per SM's worth, not one per row block.
+
+    The rows come from pinned host memory over PCIe, so each program mostly waits; one program per
+    block (1848 at 128k, batch 7) filled every SM and slowed the compute stream's kernels running
+    beside the copy (measured: run 19 in benchmarks/RESULTS.md). A bounded grid that loops over the
+    blocks keeps the PCIe link busy and leaves the SMs to the layers.
+    """
+    if PROGRAMS < 0:
+        return items
+    if PROGRAMS:
+        return max(1, min(items, PROGRAMS))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(items, sms // 8))
+
+
 @triton.jit
 def _gather_rows_kernel(hk_ptr, hv_ptr, bk_ptr, bv_ptr, pos_ptr, slot_ptr,
-                        num_groups, width, heads_per_group,
+                        num_groups, width, heads_per_group, num_items, blocks_per_row,
                         hk_sb, hk_sh, hk_ss, hv_sb, hv_sh, hv_ss,
                         bk_sb, bk_sh, bk_ss, bv_sb, bv_sh, bv_ss, i_sb, i_sg,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
-    pid = tl.program_id(0)
-    b, grp = request_and_head(pid, num_groups)
-    j = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    pos = tl.load(pos_ptr + b * i_sb + grp * i_sg + j, mask=j < width, other=-1).to(tl.int64)
-    slot = tl.load(slot_ptr + b * i_sb + grp * i_sg + j, mask=j < width, other=-1).to(tl.int64)
-    ok = (pos >= 0) & (slot >= 0)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    mask_k = ok[:, None] & (d[None, :] < D)
-    mask_v = ok[:, None] & (dv[None, :] < DV)
-    for hh in range(0, heads_per_group):
-        h = grp * heads_per_group + hh
-        k = tl.load(hk_ptr + b * hk_sb + h * hk_sh + pos[:, None] * hk_ss + d[None, :], mask=mask_k)
-        tl.store(bk_ptr + b * bk_sb + h * bk_sh + slot[:, None] * bk_ss + d[None, :], k, mask=mask_k)
-        v = tl.load(hv_ptr + b * hv_sb + h * hv_sh + pos[:, None] * hv_ss + dv[None, :], mask=mask_v)
-        tl.store(bv_ptr + b * bv_sb + h * bv_sh + slot[:, None] * bv_ss + dv[None, :], v, mask=mask_v)
+    # Persistent: program p handles row blocks p, p + P, p + 2P, ... of all (request, group) rows.
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        b, grp = request_and_head(item // blocks_per_row, num_groups)
+        j = (item % blocks_per_row) * BLOCK_R + tl.arange(0, BLOCK_R)
+        pos = tl.load(pos_ptr + b * i_sb + grp * i_sg + j, mask=j < width, other=-1).to(tl.int64)
+        slot = tl.load(slot_ptr + b * i_sb + grp * i_sg + j, mask=j < width, other=-1).to(tl.int64)
+        ok = (pos >= 0) & (slot >= 0)
+        mask_k = ok[:, None] & (d[None, :] < D)
+        mask_v = ok[:, None] & (dv[None, :] < DV)
+        for hh in range(0, heads_per_group):
+            h = grp * heads_per_group + hh
+            # Both host reads are issued before either store: twice the bytes in flight over PCIe.
+            k = tl.load(hk_ptr + b * hk_sb + h * hk_sh + pos[:, None] * hk_ss + d[None, :], mask=mask_k)
+            v = tl.load(hv_ptr + b * hv_sb + h * hv_sh + pos[:, None] * hv_ss + dv[None, :], mask=mask_v)
+            tl.store(bk_ptr + b * bk_sb + h * bk_sh + slot[:, None] * bk_ss + d[None, :], k, mask=mask_k)
+            tl.store(bv_ptr + b * bv_sb + h * bv_sh + slot[:, None] * bv_ss + dv[None, :], v, mask=mask_v)
 
 
 def gather_rows(host_k, host_v, buf_k, buf_v, load_pos, load_slot) -> None:
@@ -162,8 +181,10 @@ def gather_rows(host_k, host_v, buf_k, buf_v, load_pos, load_slot) -> None:
         check_fixed(__name__, name, fixed, actual)
     block_d, block_dv = pow2(dim), pow2(dim_v)
     block_r = _block_rows(width, max(block_d, block_dv))
-    _gather_rows_kernel[(batch * groups, triton.cdiv(width, block_r))](
-        host_k, host_v, buf_k, buf_v, load_pos, load_slot, groups, width, heads // groups,
+    blocks_per_row = triton.cdiv(width, block_r)
+    items = batch * groups * blocks_per_row
+    _gather_rows_kernel[(_programs(items, buf_k.device),)](
+        host_k, host_v, buf_k, buf_v, load_pos, load_slot, groups, width, heads // groups, items, blocks_per_row,
         host_k.stride(0), host_k.stride(1), host_k.stride(2), host_v.stride(0), host_v.stride(1),
         host_v.stride(2), buf_k.stride(0), buf_k.stride(1), buf_k.stride(2),
         buf_v.stride(0), buf_v.stride(1), buf_v.stride(2), load_pos.stride(0), load_pos.stride(1),

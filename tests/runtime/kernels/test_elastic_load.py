@@ -89,3 +89,21 @@ def test_buffer_indices_after_load_cover_the_selection():
     for row in range(2):
         slots = [s for s in idx[0, row].tolist() if s >= 0]
         assert sorted(new_slot_pos[0, row, slots].tolist()) == sorted(p for p in new_idx[0, row].tolist() if p >= 0)
+
+
+@pytest.mark.parametrize("programs", [1, 3, -1])
+def test_gather_rows_persistent_grid_covers_every_block(monkeypatch, programs):
+    """Fewer programs than row blocks (4-row blocks, 3 per row, 12 in all): each program loops
+    over its share; -1 launches one program per block. Same result as the reference either way."""
+    monkeypatch.setattr(el, "BLOCK_R", 4)
+    monkeypatch.setattr(el, "PROGRAMS", programs)
+    batch, heads, width, seq, dim = 2, 2, 11, 40, 8
+    host_k, host_v = torch.randn(batch, heads, seq, dim), torch.randn(batch, heads, seq, dim)
+    buf_k, buf_v = torch.randn(batch, heads, width, dim), torch.randn(batch, heads, width, dim)
+    slot_pos = _slot_pos(batch, heads, width, seq, empty=2)
+    load_pos, load_slot, _ = el.elastic_diff(slot_pos, _overlapping(slot_pos, seq, 0.3))
+    assert int((load_pos[..., 8:] >= 0).sum()) > 0, "the last block of a row must have work"
+    ref_k, ref_v = buf_k.clone(), buf_v.clone()
+    el.gather_rows_reference(host_k, host_v, ref_k, ref_v, load_pos, load_slot)
+    el.gather_rows(host_k, host_v, buf_k, buf_v, load_pos, load_slot)
+    assert torch.equal(buf_k, ref_k) and torch.equal(buf_v, ref_v)
