@@ -200,7 +200,7 @@ def _build_context(plan, head, batch, device, dtype) -> StepContext:
             spec, slots, int(work["max_len"]), int(work["budget"]), int(work.get("sink_tokens", 1)),
             int(work.get("recent_tokens", 0)), head=head, offloaded_layers=first.offloaded_layers,
             capacity=min(first.to_len, int(work["max_len"])),
-            device=device, dtype=dtype, level=work.get("level", "head"), kernels=kernels_for(device, plan))
+            device=device, dtype=dtype, level=work.get("level", "head"), kernels=kernels_for(device, plan, dtype))
     except torch.cuda.OutOfMemoryError:
         in_use_gb = torch.cuda.memory_allocated(device) / 1e9
         raise RuntimeResourceError(f"out of GPU memory allocating the KV store for batch {slots} "

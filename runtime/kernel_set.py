@@ -9,6 +9,7 @@ and buffer_indices are plain torch ops in both cases.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 
@@ -57,12 +58,22 @@ class KernelSet:
         return self.modules["elastic_load"].buffer_indices(slot_pos)
 
 
-def kernels_for(device: torch.device, plan=None) -> KernelSet:
-    """Triton launchers on CUDA (the plan's specialized files if it has them), references on CPU."""
+def kernels_for(device: torch.device, plan=None, dtype: torch.dtype | None = None) -> KernelSet:
+    """Triton launchers on CUDA (the plan's specialized files if it has them), references on CPU.
+
+    A plan's files are specialized to its dtype (bfloat16); an engine bound with another dtype
+    (e.g. float32 to debug) gets the packaged, unspecialized kernels instead, with a warning.
+    """
     if device.type != "cuda":
         return KernelSet(reference=True)
     modules = None
     if plan is not None and plan.kernels and plan.directory is not None:
+        planned = plan.workload.get("dtype")
+        if dtype is not None and planned and getattr(torch, str(planned), None) != dtype:
+            warnings.warn(f"plan {plan.directory} has kernels specialized to {planned}; the engine runs in "
+                          f"{str(dtype).removeprefix('torch.')}, so it uses the packaged generic kernels "
+                          "(bind with its dtype to use the plan's)", stacklevel=3)
+            return KernelSet()
         from specontext_compiler.runtime.kernel_loader import load_plan_kernels
         modules = load_plan_kernels(plan.directory, plan.kernels)
     return KernelSet(modules)
