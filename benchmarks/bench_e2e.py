@@ -39,8 +39,9 @@ def random_llama(preset_json: Path, device):
 def fill_store_randomly(engine, context: int) -> None:
     """Pretend every slot holds `context` tokens: random K/V, resident and offloaded alike."""
     ctx = engine.ctx
-    ctx.cache_len.fill_(context)
+    # Residency and capacity first, while the slots are empty (a grow copies only filled rows).
     engine.memory.before_step(context)          # the plan's residency at this length
+    ctx.cache_len.fill_(context)
     chunk = torch.randn(64 << 20, device="cuda", dtype=ctx.store.layout.dtype)   # 128 MiB of noise
     for layer in ctx.store.layers:
         for tensor in (layer.k, layer.v):

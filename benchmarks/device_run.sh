@@ -34,11 +34,14 @@ case "$stage" in
     python3 benchmarks/bench_workloads.py --workloads "$1" --max-seconds "${MAX_SECONDS:-420}" \
       2>&1 | tee "$OUT/workloads.log" | tail -25 ;;
   profile)
-    for args in "sparse-130560 130560" "sparse-130560 130560 --eager" "sparse1-130560 130560" \
-                "wl-2048-16384 10240"; do
+    # The 128k sparse step with the host gather's default grid, half and twice it, and the old
+    # one-program-per-block grid (-1); then the batch-1 plan and the [2k, 16k] plan at 10k tokens.
+    for args in "sparse-130560 130560" "sparse-130560 130560 --gather-programs 16" \
+                "sparse-130560 130560 --gather-programs 66" "sparse-130560 130560 --gather-programs -1" \
+                "sparse1-130560 130560" "wl-2048-16384 10240"; do
       set -- $args
-      python3 benchmarks/profile_step.py --plan "benchmarks/plans/$1" --context "$2" ${3:-} --out "$OUT" \
-        2>&1 | tee -a "$OUT/profile.log" | tail -22
+      python3 benchmarks/profile_step.py --plan "benchmarks/plans/$1" --context "$2" "${@:3}" --out "$OUT" \
+        2>&1 | tee -a "$OUT/profile.log" | grep -v Warning | tail -20 || true
     done ;;
   *) echo "unknown stage '$stage' (tests | e2e128 | workloads W | profile)" >&2; exit 2 ;;
 esac

@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=5)
     parser.add_argument("--replays", type=int, default=5)
     parser.add_argument("--eager", action="store_true", help="profile without the CUDA graph")
+    parser.add_argument("--gather-programs", type=int, default=None,
+                        help="override the host gather's program count (elastic_load.PROGRAMS; -1: one per block)")
     parser.add_argument("--out", default=os.environ.get("OUT", "profile_out"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -88,6 +90,9 @@ def main() -> None:
     preset = Path(__file__).resolve().parents[1] / "specontext_compiler" / "presets" / "llama-3.1-8b.json"
     model = random_llama(preset, "cuda")
     engine = load_plan(args.plan).bind(model, use_cuda_graph=not args.eager)
+    gather = engine.ctx.kernels.modules["elastic_load"]
+    if args.gather_programs is not None:
+        gather.PROGRAMS = args.gather_programs
     fill_store_randomly(engine, args.context)
     ids = torch.randint(0, 1000, (engine.slots, 1), device="cuda")
 
@@ -106,7 +111,8 @@ def main() -> None:
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3 / args.replays
 
-    trace = out / f"trace-{Path(args.plan).name}{'-eager' if args.eager else ''}.json"
+    tag = f"{Path(args.plan).name}{'-eager' if args.eager else ''}-g{gather.PROGRAMS}"
+    trace = out / f"trace-{tag}.json"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.replays):
@@ -117,19 +123,25 @@ def main() -> None:
     stats = engine.stats()
     model_step = predicted_step(engine.plan, args.context, stats["selection_overlap"])
     summary.update({"plan": args.plan, "context": args.context, "batch": engine.slots, "eager": args.eager,
+                    "gather_programs": gather.PROGRAMS,
                     "wall_ms_per_step": wall_ms, "overlap": stats["selection_overlap"],
                     "offloaded_layers": len(engine.plan.segment_for(args.context).offloaded_layers),
                     "model": {k: getattr(model_step, k) for k in
                               ("retrieval_ms", "compute_ms", "transfer_ms", "stall_ms", "step_ms", "h2d_bytes_per_step")}})
-    (out / f"profile-{Path(args.plan).name}{'-eager' if args.eager else ''}.json").write_text(json.dumps(summary, indent=1))
+    (out / f"profile-{tag}.json").write_text(json.dumps(summary, indent=1))
     print_tables(summary)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def print_tables(s: dict) -> None:
     m = s["model"]
     print(f"\n{s['plan']} at {s['context']} tokens, batch {s['batch']}, {s['offloaded_layers']} offloaded layers, "
-          f"{'eager' if s['eager'] else 'CUDA graph'}: {s['wall_ms_per_step']:.1f} ms/step wall, "
-          f"overlap {s['overlap']:.3f}, {s['kernels']} kernels/step, kernel span {s['span_ms']:.1f} ms")
+          f"{'eager' if s['eager'] else 'CUDA graph'}, gather programs {s['gather_programs']}: "
+          f"{s['wall_ms_per_step']:.1f} ms/step wall, overlap {_fmt(s['overlap'], '.3f')}, "
+          f"{s['kernels']} kernels/step, kernel span {s['span_ms']:.1f} ms")
     print(f"model at this overlap: retrieval {m['retrieval_ms']:.1f}, compute {m['compute_ms']:.1f}, "
           f"copy stream {m['transfer_ms']:.1f}, stall {m['stall_ms']:.1f}, step {m['step_ms']:.1f} ms; "
           f"H2D {m['h2d_bytes_per_step'] / 1e6:.0f} MB/step")
