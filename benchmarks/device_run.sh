@@ -6,8 +6,10 @@
 #   tests       kernel tests compiled for the GPU, and the GPU-marked runtime tests
 #   e2e128      bench_e2e.py at 128k: the sparse plan (its own batch) and the batch-1 plan
 #   workloads W bench_workloads.py for W (e.g. 32k:2k), --max-seconds from $MAX_SECONDS (default 420)
-#   profile     profile_step.py: the 128k sparse step (graph and eager), the 128k batch-1 step, and
-#               the [2k, 16k] plan's step at 10k tokens, piece by piece against the latency model
+#   profile [PLAN CONTEXT]  profile_step.py, piece by piece against the latency model: without
+#               arguments the 128k sparse step over four gather grids, the 128k batch-1 step, and
+#               the [2k, 16k] plan's step at 10k tokens; else that plan (in benchmarks/plans) only
+#   pytest ARGS the given tests (e.g. one file after a fix)
 # The fused-head GPU tests compile a plan, which needs PuLP: fetch its wheel here once
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl pulp==3.3.2      # 16 MB, bundles CBC
@@ -33,7 +35,14 @@ case "$stage" in
   workloads)
     python3 benchmarks/bench_workloads.py --workloads "$1" --max-seconds "${MAX_SECONDS:-420}" \
       2>&1 | tee "$OUT/workloads.log" | tail -25 ;;
+  pytest)
+    python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -15 ;;
   profile)
+    if [[ $# -ge 2 ]]; then
+      python3 benchmarks/profile_step.py --plan "benchmarks/plans/$1" --context "$2" "${@:3}" --out "$OUT" \
+        2>&1 | tee -a "$OUT/profile.log" | grep -v Warning | tail -20
+      exit 0
+    fi
     # The 128k sparse step with the host gather's default grid, half and twice it, and the old
     # one-program-per-block grid (-1); then the batch-1 plan and the [2k, 16k] plan at 10k tokens.
     for args in "sparse-130560 130560" "sparse-130560 130560 --gather-programs 16" \
@@ -43,5 +52,5 @@ case "$stage" in
       python3 benchmarks/profile_step.py --plan "benchmarks/plans/$1" --context "$2" "${@:3}" --out "$OUT" \
         2>&1 | tee -a "$OUT/profile.log" | grep -v Warning | tail -20 || true
     done ;;
-  *) echo "unknown stage '$stage' (tests | e2e128 | workloads W | profile)" >&2; exit 2 ;;
+  *) echo "unknown stage '$stage' (tests | e2e128 | workloads W | profile [PLAN CONTEXT] | pytest ARGS)" >&2; exit 2 ;;
 esac

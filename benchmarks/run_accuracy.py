@@ -33,16 +33,21 @@ def main(argv=None) -> int:
     parser.add_argument("--passkey-budgets", type=_ints, default=(2048,))
     parser.add_argument("--lengths", type=_ints, default=(2048, 4096, 8192))
     parser.add_argument("--depths", type=_floats, default=(0.1, 0.3, 0.5, 0.7, 0.9))
+    parser.add_argument("--passkey-question", choices=("prompt", "decode"), default="prompt",
+                        help="prompt: the question is in the densely prefilled prompt (as the engine serves it); "
+                             "decode: its tokens are sparse decode steps (stricter)")
+    parser.add_argument("--passkey-keys", type=int, default=1, help="keys (cases) per length and depth")
     parser.add_argument("--sink", type=int, default=1)
     parser.add_argument("--recent", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="one short passkey length, 4 recall queries")
     args = parser.parse_args(argv)
     options = dict(lengths=args.lengths, depths=args.depths, budgets=args.budgets,
-                   passkey_budgets=args.passkey_budgets)
+                   passkey_budgets=args.passkey_budgets, passkey_question=args.passkey_question,
+                   passkey_keys=args.passkey_keys)
     if args.quick:
         options = dict(lengths=(2048,), depths=(0.5,), recall_length=2048, recall_queries=4,
-                       budgets=(256, 512), passkey_budgets=(256,))
+                       budgets=(256, 512), passkey_budgets=(256,), passkey_question=args.passkey_question)
     start = time.time()
     result = run_eval(args.model, head=args.head, compare_heads=[h for h in args.compare_heads.split(",") if h],
                       tasks=tuple(args.tasks.split(",")), sink=args.sink, recent=args.recent,

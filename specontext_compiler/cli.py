@@ -339,6 +339,8 @@ def eval_cmd(
     task: Annotated[list[str], typer.Option("--task", metavar="TASK", help="recall (attention mass kept vs full attention) or passkey; repeat for both.")],
     length: Annotated[Optional[list[str]], typer.Option("--length", metavar="TOKENS", help="Passkey context length in tokens (4096, 4k); repeatable. Default: 2k, 4k, 8k.")] = None,
     budget: Annotated[Optional[list[int]], typer.Option("--budget", metavar="TOKENS", help="Recall budget in selected tokens; repeatable. Default: 256 to 2048.")] = None,
+    question: Annotated[str, typer.Option("--question", metavar="MODE", help="Passkey: 'prompt' (the question is part of the densely prefilled prompt, as `specontext run` serves it) or 'decode' (its tokens are sparse decode steps; stricter).")] = "prompt",
+    keys: Annotated[int, typer.Option("--keys", metavar="N", help="Passkey keys (cases) per length and depth.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Measure a plan's token selection on the plan's own model, offline (CPU is fine).
@@ -354,6 +356,7 @@ def eval_cmd(
         options["lengths"] = [parse_tokens(text, "--length") for text in length]
     if budget:
         options["budgets"] = budget
+    options.update(passkey_question=question, passkey_keys=keys)
     result = runner.run_eval_for_plan(plan_dir, task, **options)
     if as_json:
         typer.echo(runner.to_json(result))

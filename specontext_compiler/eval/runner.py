@@ -45,20 +45,27 @@ def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), 
              head: str | None = None, compare_heads=(), passkey_budgets=(1024, 2048),
              recall_length: int = 8192, recall_queries: int = 16, compare_head_layers=(), sink: int = 1,
              recent: int = 16, page_size: int = 16, seed: int = 0, threads: int | None = None,
-             show_progress: bool = True) -> EvalResult:
+             passkey_question: str = "prompt", passkey_keys: int = 1, show_progress: bool = True) -> EvalResult:
     """Run the tasks; budgets for recall, passkey_budgets for passkey (each is W - sink - recent).
 
     The main head is `dlm` (a DLM path), else `head` ("self:N" or "self-prefix:N"), else
     "self:{head_layer}". compare_heads (names) and compare_head_layers ("self:N") are scored too:
     spec-head recall, and both spec-* methods on the passkey, sharing each prefill.
+    passkey_question: "prompt" (the question is part of the densely prefilled prompt, as the engine
+    serves it) or "decode" (its tokens are sparse decode steps); passkey_keys: keys per depth.
     """
     import torch
+    from specontext_compiler.eval.passkey import QUESTION_MODES
     from specontext_compiler.eval.prefix_head import make_head
     from specontext_compiler.smollm2 import load_causal_lm
 
     unknown = set(tasks) - set(TASKS) or set(methods) - set(METHODS)
     if unknown:
         raise SpecontextError(f"unknown eval task or method {sorted(unknown)}; choose from {TASKS} / {METHODS}")
+    if passkey_question not in QUESTION_MODES:
+        raise SpecontextError(f"passkey question mode {passkey_question!r} is unknown; choose from {QUESTION_MODES}")
+    if passkey_keys < 1:
+        raise SpecontextError(f"passkey keys per depth {passkey_keys} must be a positive integer")
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, hf_dir = load_causal_lm(model_dir_or_gguf)
@@ -74,7 +81,8 @@ def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), 
                 "tasks": list(tasks), "budgets": list(budgets), "passkey_budgets": list(passkey_budgets),
                 "lengths": list(lengths), "depths": list(depths), "methods": list(methods),
                 "recall_length": recall_length, "recall_queries": recall_queries, "sink": sink,
-                "recent": recent, "page_size": page_size, "seed": seed}}
+                "recent": recent, "page_size": page_size, "seed": seed,
+                "passkey_question": passkey_question, "passkey_keys": passkey_keys}}
     result = EvalResult(meta=meta)
     with _progress(show_progress) as bar:
         if "recall" in tasks:
@@ -83,10 +91,11 @@ def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), 
                     length=min(recall_length, model.config.max_position_embeddings))
         if "passkey" in tasks:
             from specontext_compiler.eval.passkey import passkey_cases
-            task = bar.add_task("passkey", total=len(lengths) * len(depths))
+            task = bar.add_task("passkey", total=len(lengths) * len(depths) * passkey_keys)
             result.passkey = passkey_cases(model, tokenizer, main, lengths=lengths, depths=depths,
                                            budgets=passkey_budgets, methods=methods, sink=sink, recent=recent,
                                            page_size=page_size, seed=seed, extra_heads=others,
+                                           question_mode=passkey_question, keys_per_depth=passkey_keys,
                                            progress=lambda: bar.advance(task))
     return result
 

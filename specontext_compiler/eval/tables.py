@@ -81,11 +81,17 @@ def passkey_rows(result) -> list[tuple[str, str, list[str]]]:
     return rows
 
 
+def question_title(result) -> str:
+    """How the question was asked; results written before the option existed decoded it."""
+    mode = result.passkey[0].get("question", "decode") if result.passkey else "prompt"
+    return "question in the prefilled prompt" if mode == "prompt" else "question fed as sparse decode steps"
+
+
 def passkey_table(result) -> Table | None:
     """Passkey exact-match accuracy per method, budget and context length."""
     if not result.passkey:
         return None
-    table = Table(title="Passkey exact match (all depths)")
+    table = Table(title=f"Passkey exact match (all depths; {question_title(result)})")
     table.add_column("method")
     table.add_column("budget", justify="right")
     for length in sorted({r["length"] for r in result.passkey}):
@@ -111,6 +117,7 @@ def markdown(result) -> str:
         out.append("")
     if result.passkey:
         lengths = sorted({r["length"] for r in result.passkey})
+        out += [f"Passkey, {question_title(result)}:", ""]
         out += ["| method | budget | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
                 "|---|---:|" + "---:|" * len(lengths)]
         out += [f"| {m} | {b} | " + " | ".join(c) + " |" for m, b, c in passkey_rows(result)]
