@@ -98,8 +98,23 @@ class Engine:
             next_ids[slot, 0] = sample(logits[-1:], temperature, top_p, generator)[0]
             done[slot] = False
         eos = getattr(self.tokenizer, "eos_token_id", None) if stop_at_eos else None
+        # The longest slot's length, read once a wave and then counted here: reading it from the
+        # device each step would wait for the step before, like reading the tokens would.
+        longest = int(ctx.cache_len.max())
+        pending = next_ids                       # tokens the host has not read yet
         for step in range(max_new_tokens):
-            tokens = next_ids[:, 0].tolist()      # one device-to-host copy a step, not one per slot
+            seen = self._tokens_to_host(pending)
+            # Launch the next step before reading this one's tokens: the GPU decodes while the host
+            # streams and bookkeeps (it idled for that work when the loop read first). The step is
+            # launched before the host knows whether every request just ended, so a wave that ends
+            # on end-of-sequence runs one step it discards.
+            if step + 1 < max_new_tokens:
+                self.memory.before_step(longest)
+                logits = self.step.run(pending, ctx.cache_len.view(-1, 1).clone())
+                self.last_logits = logits         # the newest step's, for tests comparing with HF
+                following = sample(logits[:, -1], temperature, top_p, generator).view(-1, 1).to(self.device)
+                longest += 1
+            tokens = seen()
             for slot, (index, request) in enumerate(wave):
                 if done[slot]:
                     continue
@@ -111,10 +126,25 @@ class Engine:
                     done[slot] = True
             if all(done):
                 break
-            self.memory.before_step(int(ctx.cache_len.max()))
-            logits = self.step.run(next_ids, ctx.cache_len.view(-1, 1).clone())
-            self.last_logits = logits             # the newest step's, for tests comparing with HF
-            next_ids = sample(logits[:, -1], temperature, top_p, generator).view(-1, 1).to(self.device)
+            pending = following
+
+    def _tokens_to_host(self, ids: torch.Tensor):
+        """Start copying ids [S, 1] to the host; returns a function that waits and gives the list.
+
+        On CUDA the copy goes to a pinned buffer behind an event, so the launches that follow it are
+        not held up; the buffer is reused once the previous list was read."""
+        if self.device.type != "cuda":
+            return lambda: ids[:, 0].tolist()
+        if getattr(self, "_token_buffer", None) is None:
+            self._token_buffer = torch.empty(self.slots, dtype=torch.long, pin_memory=True)
+            self._token_event = torch.cuda.Event()
+        self._token_buffer.copy_(ids[:, 0], non_blocking=True)
+        self._token_event.record()
+
+        def wait() -> list[int]:
+            self._token_event.synchronize()
+            return self._token_buffer.tolist()
+        return wait
 
     def _prefill(self, slot: int, prompt_ids: list[int]) -> torch.Tensor:
         """Dense prefill of one request into its slot, in chunks; returns the last chunk's logits."""

@@ -97,6 +97,34 @@ def test_sampling_with_seed_is_reproducible_and_streams(tiny_model, dense_plan):
     assert seen == [(0, t) for t in first.token_ids]
 
 
+class _EosOnly:
+    """A tokenizer stand-in: only an end-of-sequence id (and decode, which generate calls)."""
+
+    def __init__(self, eos_token_id):
+        self.eos_token_id = eos_token_id
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_end_of_sequence_stops_each_request_at_its_own_token(tiny_model, dense_plan):
+    """The decode loop launches a step before reading the last one's tokens; a request still ends
+    at its first end-of-sequence token, the others run on, and the stream sees exactly the kept ones."""
+    engine = dense_plan.bind(tiny_model, device="cpu")
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (7, 15)]
+    free = engine.generate(prompts, max_new_tokens=10, stop_at_eos=False)
+    eos = free[0].token_ids[3]               # request 0's fourth token ends it
+    engine.tokenizer = _EosOnly(eos)
+    seen = []
+    stopped = engine.generate(prompts, max_new_tokens=10, stream=lambda i, t: seen.append((i, t)))
+    for before, after in zip(free, stopped):
+        ends = [i for i, t in enumerate(before.token_ids) if t == eos]
+        assert after.token_ids == before.token_ids[:ends[0] + 1 if ends else 10]
+    assert len(stopped[0].token_ids) <= 4
+    assert sorted(seen) == sorted((i, t) for i, r in enumerate(stopped) for t in r.token_ids)
+    assert [t for i, t in seen if i == 1] == stopped[1].token_ids
+
+
 def with_growth_at(plan, length):
     """The same plan, but every layer starts with room for `length` tokens and grows there."""
     num = plan.model["num_layers"]
