@@ -1,7 +1,9 @@
 """Decode-step latency of a residency plan (paper s.5, Fig. 7(e): one retrieval, then overlapped prefetch).
 
 Roofline per piece of work: time = max(FLOPs / bf16 peak, HBM bytes / (hbm_gbps x the target's
-decode_hbm_efficiency, the share of copy bandwidth decode kernels reach, measured)). One step for R
+decode_hbm_efficiency, the share of copy bandwidth decode kernels reach, measured)); each decoder
+layer adds the target's layer_fixed_us, the small kernels it runs whatever its bytes (measured:
+they dominate a batch-1 step's gap to its bytes, benchmarks/calibrate_decode.py). One step for R
 requests at length S runs, on the compute stream: the retrieval head (projections, q·K over its
 S-token K cache, top-k), then layers 0..L-1, then the LM head. On one copy stream, every offloaded
 layer's prefetch (the rows not selected at the previous step, gathered from pinned host memory)
@@ -110,7 +112,7 @@ def step_components(spec: ModelSpec, workload: Workload, target: Target, seq_len
     launch_ms = GRAPH_LAUNCHES_PER_STEP * target.launch_overhead_us / 1e3
     return StepComponents(
         retrieval_ms=_ms(r_flops, r_bytes, target),
-        layer_ms=_ms(layer_flops(spec, workload, seq_len), l_bytes, target),
+        layer_ms=_ms(layer_flops(spec, workload, seq_len), l_bytes, target) + target.layer_fixed_us / 1e3,
         transfer_ms=layer_transfer_ms(spec, workload, target, seq_len),
         tail_ms=_ms(t_flops, t_bytes, target) + launch_ms,
         offload_ms=_ms(0.0, offload_bytes, target),

@@ -31,6 +31,9 @@ class Target:
     # Share of the pinned-gather and H2D rates that copies reach while the decode step computes
     # (they share HBM and SMs with it); the isolated copy measurements over-state them.
     overlapped_copy_efficiency: float = 1.0
+    # Time of the small kernels every decoder layer runs whatever its bytes (norms, RoPE, residual
+    # adds, index math: ~45 a layer, a few microseconds each), per layer, in microseconds.
+    layer_fixed_us: float = 0.0
     unified_memory: bool = False  # host and GPU share one pool (Jetson): offloading frees nothing
     # field name -> where the figure comes from (datasheet or measured); not part of equality
     sources: dict = field(default_factory=dict, compare=False)
@@ -42,7 +45,7 @@ class Target:
 
 
 _FRACTIONS = ("decode_hbm_efficiency", "overlapped_copy_efficiency")
-_OPTIONAL = ("unified_memory", "sources", *_FRACTIONS)
+_OPTIONAL = ("unified_memory", "sources", "layer_fixed_us", *_FRACTIONS)
 _REQUIRED = tuple(f.name for f in fields(Target) if f.name not in _OPTIONAL)
 _VALID = tuple(f.name for f in fields(Target))
 _INT_KEYS = ("gpu_memory_bytes", "host_memory_bytes")
@@ -76,6 +79,12 @@ def _target_from_dict(data: dict, where: str) -> Target:
             raise TargetError(f"{where}: {key} = {data[key]!r} is not a number; write a fraction such as 0.8")
         if not 0 < values[key] <= 1:
             raise TargetError(f"{where}: {key} must be in (0, 1], got {values[key]}")
+    try:
+        values["layer_fixed_us"] = float(values.get("layer_fixed_us", 0.0))
+    except (TypeError, ValueError):
+        raise TargetError(f"{where}: layer_fixed_us = {data['layer_fixed_us']!r} is not a number; write e.g. 80.0")
+    if values["layer_fixed_us"] < 0:
+        raise TargetError(f"{where}: layer_fixed_us must be >= 0, got {values['layer_fixed_us']}")
     values["aliases"] = tuple(str(a).lower() for a in values.get("aliases", ()))
     values["name"] = str(values["name"]).lower()
     unified = values.get("unified_memory", False)

@@ -114,3 +114,18 @@ def test_overlapped_copy_efficiency_slows_only_the_copy_stream(tmp_path):
     assert step_components(spec, work, slow, 30000).layer_ms == step_components(spec, work, plain, 30000).layer_ms
     with pytest.raises(TargetError, match=r"overlapped_copy_efficiency must be in \(0, 1\]"):
         load_target_file(_write(tmp_path, GOOD + "overlapped_copy_efficiency = 0\n"))
+
+
+def test_layer_fixed_cost_is_optional_non_negative_and_adds_per_layer(tmp_path, llama):
+    from specontext_compiler.cost_models.latency import step_components
+    from specontext_compiler.cost_models.workload import Workload
+    plain = load_target_file(_write(tmp_path, GOOD))
+    assert plain.layer_fixed_us == 0.0
+    fixed = load_target_file(_write(tmp_path, GOOD + "layer_fixed_us = 100.0\n"))
+    work = Workload(max_len=16384, prompt_len=8192, batch=2, budget=2048)
+    delta = step_components(llama, work, fixed, 8192).layer_ms - step_components(llama, work, plain, 8192).layer_ms
+    assert delta == pytest.approx(0.1)
+    with pytest.raises(TargetError, match="layer_fixed_us must be >= 0"):
+        load_target_file(_write(tmp_path, GOOD + "layer_fixed_us = -1\n"))
+    with pytest.raises(TargetError, match="layer_fixed_us = 'a lot' is not a number"):
+        load_target_file(_write(tmp_path, GOOD + "layer_fixed_us = 'a lot'\n"))
