@@ -76,8 +76,7 @@ def long_text_ids(tokenizer, num_tokens: int, offset: int = 0) -> list[int]:
 def passkey_prompt(tokenizer, total_tokens: int, depth: float, key: str) -> tuple[list[int], list[int]]:
     """(context ids, question ids): about total_tokens in all, the needle at `depth` (0..1) of the filler.
 
-    The context is prefilled densely; the question is fed token by token as decode steps, so its
-    attention (and the answer's) goes through the selection method under test.
+    The eval prefills the context, and the question with it or as decode steps (eval/passkey.py).
     """
     intro = tokenizer(INTRO, add_special_tokens=False).input_ids
     needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False).input_ids
