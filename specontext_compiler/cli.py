@@ -351,6 +351,10 @@ def eval_cmd(
     unknown = sorted(set(task) - {"recall", "passkey"})
     if unknown:
         raise SpecontextError(f"--task {', '.join(unknown)} is not a task; choose recall or passkey")
+    if question not in ("prompt", "decode"):
+        raise SpecontextError(f"--question {question} is not a mode; choose prompt or decode")
+    if keys < 1:
+        raise SpecontextError(f"--keys {keys} must be a positive integer")
     options: dict[str, Any] = {}
     if length:
         options["lengths"] = [parse_tokens(text, "--length") for text in length]

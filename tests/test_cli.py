@@ -227,7 +227,13 @@ def test_eval_is_thin_over_the_runner(plan_dir, monkeypatch):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"result": "RESULT"}
     assert got["tasks"] == ["passkey"] and got["lengths"] == [4096]
+    assert got["passkey_question"] == "prompt" and got["passkey_keys"] == 1
+    invoke("eval", str(plan_dir), "--task", "passkey", "--question", "decode", "--keys", "3")
+    assert got["passkey_question"] == "decode" and got["passkey_keys"] == 3
     assert_one_line_error(invoke("eval", str(plan_dir), "--task", "mmlu"), "mmlu", "recall or passkey")
+    assert_one_line_error(invoke("eval", str(plan_dir), "--task", "passkey", "--question", "later"),
+                          "--question later", "prompt or decode")
+    assert_one_line_error(invoke("eval", str(plan_dir), "--task", "passkey", "--keys", "0"), "--keys 0", "positive")
 
 
 # -- the real driver, end to end (a tiny preset: a few seconds on CPU) ------------------------
