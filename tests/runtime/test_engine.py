@@ -156,3 +156,16 @@ def test_out_of_gpu_memory_in_a_grow_is_one_error_and_the_engine_serves_on(tiny_
     result = engine.generate([prompt], max_new_tokens=10, stop_at_eos=False)[0]
     assert result.token_ids == hf_greedy(tiny_model, prompt, 10)
     assert all(layer.capacity == 512 for layer in engine.ctx.store.layers)
+
+
+@pytest.mark.gpu
+def test_gpu_engine_with_cuda_graph_matches_hf_greedy(tiny_model, hf_greedy, dense_plan):
+    """On the GPU: the captured step, the plan-less generic kernels (float32) and the decode loop
+    that launches a step before reading the last one's tokens still give HF's greedy tokens."""
+    import copy
+    engine = dense_plan.bind(copy.deepcopy(tiny_model), device="cuda", dtype=torch.float32)
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (9, 23)]
+    results = engine.generate(prompts, max_new_tokens=12, stop_at_eos=False)
+    assert engine.step.captures >= 1
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == hf_greedy(tiny_model, prompt, 12)      # HF on the CPU
