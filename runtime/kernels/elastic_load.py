@@ -124,8 +124,8 @@ def _programs(items: int, device: torch.device) -> int:
 
     The rows come from pinned host memory over PCIe, so each program mostly waits; one program per
     block (1848 at 128k, batch 7) filled every SM and slowed the compute stream's kernels running
-    beside the copy (measured: runs 19-20 in benchmarks/RESULTS.md). A bounded grid that loops over the
-    blocks keeps the PCIe link busy and leaves the SMs to the layers.
+    beside the copy (measured: runs 19-20 in benchmarks/RESULTS.md). A bounded grid that loops
+    over the blocks keeps the PCIe link busy and leaves the SMs to the layers.
     """
     if PROGRAMS < 0:
         return items

@@ -7,9 +7,10 @@ valid positions per query head, then the element-wise max over the query heads o
 never picks them. Same numbers as selection.group_scores(selection.attention_weights(...)).
 
 Two passes: (1) one program per (request, KV head, block of S) reads each K row once for all its
-query heads (a tl.dot of the group's queries, padded to 16 rows, with the block's keys), writes the logits and a per-block (max, sum of exp); the blocks' partials are merged
-into a log-sum-exp per head with a few torch ops; (2) one program per (request, group, block)
-normalizes and takes the max over the group's heads.
+query heads (a tl.dot of the group's queries, padded to 16 rows, with the block's keys), writes
+the logits and a per-block (max, sum of exp); the blocks' partials are merged into a log-sum-exp
+per head with a few torch ops; (2) one program per (request, group, block) normalizes and takes
+the max over the group's heads.
 
 select: top-k per group with sinks and the recent window forced, as selection.select_tokens. The
 top-k itself is torch.topk on the scores (capture-safe on the GPU, no host sync).
