@@ -380,6 +380,21 @@ def _check_distill_options(out: Path, **counts: int) -> None:
         raise SpecontextError(f"output directory {out.parent} does not exist; create it first")
 
 
+def _layer_list(text: str, option: str) -> tuple[int, ...]:
+    """'19-24' or '19,21,23' -> layer indices; anything else is a one-line error."""
+    try:
+        if "-" in text:
+            first, last = (int(part) for part in text.split("-"))
+            layers = tuple(range(first, last + 1))
+        else:
+            layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise SpecontextError(f"{option} {text!r}: write a range such as 19-24 or a list such as 19,21,23") from None
+    if not layers or min(layers) < 0:
+        raise SpecontextError(f"{option} {text!r} names no layer; write a range such as 19-24")
+    return layers
+
+
 def _save_atomically(head: Any, out: Path) -> None:
     """Write the head beside `out`, then rename: a crash never leaves a half-written head file."""
     import os
@@ -404,6 +419,8 @@ def _distill_summary(report: dict, out: Path) -> Table:
             ("validation loss", f"{report['before']['loss']:.4f} -> {report['after']['loss']:.4f}")]
     rows += [(f"validation {key}", f"{report['before'][key]:.3f} -> {report['after'][key]:.3f}")
              for key in recall_keys]
+    if report.get("teacher_layers"):
+        rows.append(("teacher layers", ", ".join(map(str, report["teacher_layers"]))))
     rows.append(("time", f"teacher {report['collect_s']:.1f} s, training {report['train_s']:.1f} s"))
     return _key_value_table(rows)
 
@@ -419,6 +436,7 @@ def distill_cmd(
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="K", help="CPU threads for torch. Default: torch's choice.")] = None,
     teacher: Annotated[str, typer.Option("--teacher", metavar="mean|max", help="How the LLM's layers combine into the target distribution.")] = "mean",
     recall_documents: Annotated[bool, typer.Option("--recall-documents", help="Mix in documents whose facts are asked about later.")] = False,
+    teacher_layers: Annotated[Optional[str], typer.Option("--teacher-layers", metavar="A-B|A,B,...", help="Only these LLM layers make the target (e.g. 19-24, the layers that read far context). Default: all.")] = None,
 ) -> None:
     """Distill a fused retrieval head from MODEL's own attention (CPU is fine; minutes for SmolLM2).
 
@@ -429,6 +447,7 @@ def distill_cmd(
     from specontext_compiler.distill.teacher import AGGREGATES
     if teacher not in AGGREGATES:        # before the model load, which takes the time
         raise SpecontextError(f"--teacher {teacher!r}: choose {' or '.join(AGGREGATES)}")
+    layers = _layer_list(teacher_layers, "--teacher-layers") if teacher_layers is not None else None
     import torch
 
     from specontext_compiler.distill import distill_retrieval_head
@@ -440,7 +459,7 @@ def distill_cmd(
     name = Path(model.rstrip("/")).name or model
     head, report = distill_retrieval_head(llm, tokenizer, sequences=sequences, seq_len=seq_len, epochs=epochs,
                                           teacher_aggregate=teacher, recall_documents=recall_documents,
-                                          name=name, progress=lambda line: err.print(f"[dim]{line}[/dim]"))
+                                          teacher_layers=layers, name=name, progress=lambda line: err.print(f"[dim]{line}[/dim]"))
     _save_atomically(head, out)
     console = _out()
     console.print(_distill_summary(report, out))

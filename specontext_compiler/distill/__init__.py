@@ -33,7 +33,7 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
                            seed: int = 0, progress: Callable[[str], None] | None = None,
                            name: str | None = None, queries: int = QUERIES_PER_SEQUENCE,
                            recent: int = RECENT_TOKENS, teacher_aggregate: str = "mean",
-                           recall_documents: bool = False):
+                           recall_documents: bool = False, teacher_layers: tuple[int, ...] | None = None):
     """(fused RetrievalHead, report) distilled from an HF causal LM's attention on stdlib prose.
 
     feature_layers: HF output_hidden_states indices the head reads (default_feature_layers).
@@ -41,7 +41,8 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
     progress: called with one line per stage and per epoch.
     teacher_aggregate: "mean" or "max" over layers (teacher.py); recall_documents: mix in
     documents with facts asked about later (corpus.py). Both defaults scored best on SmolLM2 at
-    budgets 256-1024 (benchmarks/ACCURACY.md).
+    budgets 256-1024 (benchmarks/ACCURACY.md). teacher_layers: the LLM layers the teacher
+    aggregates (default all).
     """
     import torch
 
@@ -52,14 +53,15 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
     layers = tuple(feature_layers) if feature_layers is not None else default_feature_layers(
         config.num_hidden_layers)
     _check_arguments(config, sequences=sequences, seq_len=seq_len, epochs=epochs, lr=lr,
-                     feature_layers=layers)
+                     feature_layers=layers, teacher_layers=teacher_layers)
     say = progress or (lambda message: None)
     started = time.perf_counter()
     samples = []
     texts = corpus.training_sequences(tokenizer, sequences, seq_len, seed, recall_documents=recall_documents)
     for index, (ids, must) in enumerate(texts):
         positions = teacher.query_positions(seq_len, queries, must, recent, MIN_CONTEXT, seed + index)
-        samples.append(teacher.collect(model, torch.tensor(ids), positions, layers, recent, teacher_aggregate))
+        samples.append(teacher.collect(model, torch.tensor(ids), positions, layers, recent, teacher_aggregate,
+                                       teacher_layers))
         say(f"teacher: sequence {index + 1}/{sequences}")
     collect_s = time.perf_counter() - started
     held_out = max(1, sequences // VALIDATION_FRACTION)
@@ -69,6 +71,7 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
     head.source, head.layer = f"distilled:{name or _model_name(model)}", 0
     report = {"source": head.source, "params": head.param_count(), "feature_layers": list(layers),
               "sequences": sequences, "teacher": teacher_aggregate, "recall_documents": recall_documents,
+              "teacher_layers": list(teacher_layers) if teacher_layers is not None else None,
               "train_sequences": sequences - held_out,
               "validation_sequences": held_out, "seq_len": seq_len, "epochs": epochs, "lr": lr,
               "before": history[0], "after": history[-1], "history": history,
@@ -77,7 +80,7 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
 
 
 def _check_arguments(config, *, sequences: int, seq_len: int, epochs: int, lr: float,
-                     feature_layers: tuple[int, ...]) -> None:
+                     feature_layers: tuple[int, ...], teacher_layers: tuple[int, ...] | None = None) -> None:
     if sequences < 2:
         raise SpecontextError(f"sequences={sequences}: need at least 2 (one trains, one validates)")
     if epochs < 1 or lr <= 0:
@@ -87,6 +90,10 @@ def _check_arguments(config, *, sequences: int, seq_len: int, epochs: int, lr: f
     if not feature_layers or not all(0 <= i <= config.num_hidden_layers for i in feature_layers):
         raise SpecontextError(f"feature_layers {list(feature_layers)} must be hidden-state indices in "
                               f"0..{config.num_hidden_layers}")
+    if teacher_layers is not None and not (teacher_layers and all(0 <= i < config.num_hidden_layers
+                                                                   for i in teacher_layers)):
+        raise SpecontextError(f"teacher layers {list(teacher_layers)} must be layer indices in "
+                              f"0..{config.num_hidden_layers - 1}")
 
 
 def _model_name(model) -> str:

@@ -6,7 +6,8 @@ token 0 or the recent window (both are always attended), so each row is renormal
 selectable keys only; the teacher aggregates the layers, renormalized again: "mean" (default) is
 what attention recall averages, so its top-k maximises recall; "max" says a key matters if any
 layer needs it, since one selection serves them all (lower recall on SmolLM2 at budgets
-256-1024). The same forward yields the hidden states that a fused head reads (`feature_layers`,
+256-1024). `layers` restricts the aggregate to some of the LLM's layers (e.g. the ones that read
+far context, where a passkey is looked up). The same forward yields the hidden states that a fused head reads (`feature_layers`,
 HF output_hidden_states indices). Stored in fp16.
 """
 from __future__ import annotations
@@ -58,14 +59,17 @@ AGGREGATES = ("mean", "max")
 class _LayerAggregate:
     """Capture hook: the running sum or max over layers of renormalized attention at the queries."""
 
-    def __init__(self, positions: torch.Tensor, seq_len: int, recent: int, num_heads: int, aggregate: str):
-        self.aggregate = aggregate
+    def __init__(self, positions: torch.Tensor, seq_len: int, recent: int, num_heads: int, aggregate: str,
+                 layers: frozenset[int] | None = None):
+        self.aggregate, self.layers = aggregate, layers
         self.positions = positions
         self.allowed = selectable_keys(positions, seq_len, recent)
         self.causal = torch.arange(seq_len)[None, :] <= positions[:, None]
         self.total = torch.zeros(num_heads, len(positions), seq_len)
 
     def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        if self.layers is not None and layer not in self.layers:
+            return
         q = query[0, :, self.positions].float()                                   # [Hq, P, D]
         k = key[0].float().repeat_interleave(q.shape[0] // key.shape[1], dim=0)   # [Hq, T, D]
         logits = torch.einsum("hpd,htd->hpt", q, k) * q.shape[-1] ** -0.5
@@ -85,15 +89,17 @@ def _renormalize(weights: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def collect(model, ids: torch.Tensor, positions: torch.Tensor, feature_layers: tuple[int, ...],
-            recent: int, aggregate: str = "mean") -> TeacherSample:
-    """Run `model` densely over ids [T] once: the teacher at `positions` and the features."""
+            recent: int, aggregate: str = "mean", layers: tuple[int, ...] | None = None) -> TeacherSample:
+    """Run `model` densely over ids [T] once: the teacher at `positions` (over `layers`, default
+    all) and the features."""
     seq_len = len(ids)
     if int(positions.min()) <= recent:
         raise SpecontextError(f"query position {int(positions.min())} has no selectable key "
                               f"(recent window {recent})")
     if aggregate not in AGGREGATES:
         raise SpecontextError(f"teacher aggregate {aggregate!r}: choose one of {AGGREGATES}")
-    hook = _LayerAggregate(positions, seq_len, recent, model.config.num_attention_heads, aggregate)
+    hook = _LayerAggregate(positions, seq_len, recent, model.config.num_attention_heads, aggregate,
+                           frozenset(layers) if layers is not None else None)
     previous = getattr(model.config, "_attn_implementation", None)
     sparse_attention.install(model)
     try:

@@ -28,6 +28,12 @@ def test_non_positive_numbers_exit_2(tmp_path, args, word):
     assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "h.safetensors"), *args), word)
 
 
+@pytest.mark.parametrize("text", ["19-x", "24-19", "a,b", "-3"])
+def test_bad_teacher_layers_exit_2_before_the_model_loads(tmp_path, text):
+    assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "h.safetensors"), "--teacher-layers", text),
+                          "--teacher-layers")
+
+
 def test_missing_output_directory_and_unknown_model_exit_2(tmp_path):
     assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "nope" / "h.safetensors")), "does not exist")
     assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "h.bin")), ".safetensors")
@@ -38,9 +44,10 @@ def test_distill_writes_the_head_and_prints_the_report(tmp_path, monkeypatch, de
     monkeypatch.setattr(smollm2, "load_causal_lm", lambda source: (deep_model, tokenizer, tmp_path))
     out = tmp_path / "head.safetensors"
     result = invoke("tiny", "-o", str(out), "--sequences", "2", "--seq-len", "512", "--epochs", "1",
-                    "--threads", "1")
+                    "--threads", "1", "--teacher-layers", "4-6")
     assert result.exit_code == 0, result.output
     assert "validation loss" in result.stdout and "distilled:tiny" in result.stdout
+    assert "4, 5, 6" in result.stdout
     head = RetrievalHead.load(out)
     assert head.feature_layers == (3, 5, 6) and head.source == "distilled:tiny"
     assert [p.name for p in tmp_path.iterdir()] == ["head.safetensors"]     # no temporary left behind

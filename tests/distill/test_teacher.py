@@ -22,12 +22,13 @@ def test_teacher_is_a_distribution_over_selectable_keys(model):
     torch.testing.assert_close(rows.sum(-1), torch.ones(4, len(positions)), atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("aggregate", ["mean", "max"])
-def test_teacher_matches_eager_attention_and_features_match_hidden_states(model, aggregate):
+@pytest.mark.parametrize("aggregate,layers", [("mean", None), ("max", None), ("mean", (1,)), ("max", (0, 1))])
+def test_teacher_matches_eager_attention_and_features_match_hidden_states(model, aggregate, layers):
     seq_len = 120
     ids = torch.randint(0, model.config.vocab_size, (seq_len,))
     positions = torch.tensor([40, 77, 119])
-    sample = teacher.collect(model, ids, positions, feature_layers=(1, 2), recent=RECENT, aggregate=aggregate)
+    sample = teacher.collect(model, ids, positions, feature_layers=(1, 2), recent=RECENT, aggregate=aggregate,
+                             layers=layers)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -36,7 +37,8 @@ def test_teacher_matches_eager_attention_and_features_match_hidden_states(model,
     finally:
         model.set_attn_implementation(previous)
     allowed = teacher.selectable_keys(positions, seq_len, RECENT)
-    per_layer = [a[0][:, positions] * allowed for a in out.attentions]
+    per_layer = [a[0][:, positions] * allowed for i, a in enumerate(out.attentions)
+                 if layers is None or i in layers]
     per_layer = [w / w.sum(-1, keepdim=True) for w in per_layer]
     stacked = torch.stack(per_layer)
     expected = stacked.amax(0) if aggregate == "max" else stacked.mean(0)

@@ -41,3 +41,6 @@ def test_bad_arguments_are_refused(model, tokenizer):
         distill_retrieval_head(model, tokenizer, seq_len=4096, feature_layers=(0,))
     with pytest.raises(SpecontextError, match="hidden-state indices"):
         distill_retrieval_head(model, tokenizer, seq_len=512, feature_layers=(0, 3))
+    with pytest.raises(SpecontextError, match="teacher layers"):
+        distill_retrieval_head(model, tokenizer, seq_len=512, feature_layers=(0,),
+                               teacher_layers=(model.config.num_hidden_layers,))
