@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from specontext_compiler.runtime.kernels._common import DTYPES
+
 FAMILIES = ("retrieval_scores", "sparse_decode", "elastic_load", "kv_append")
 
 
@@ -69,7 +71,7 @@ def kernels_for(device: torch.device, plan=None, dtype: torch.dtype | None = Non
     modules = None
     if plan is not None and plan.kernels and plan.directory is not None:
         planned = plan.workload.get("dtype")
-        if dtype is not None and planned and getattr(torch, str(planned), None) != dtype:
+        if dtype is not None and planned and DTYPES.get(planned) != dtype:
             warnings.warn(f"plan {plan.directory} has kernels specialized to {planned}; the engine runs in "
                           f"{str(dtype).removeprefix('torch.')}, so it uses the packaged generic kernels "
                           "(bind with its dtype to use the plan's)", stacklevel=3)

@@ -7,12 +7,17 @@ another shape instead of silently compiling a new variant.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 SPEC_BEGIN = "# --- specialization: begin ---"
 SPEC_END = "# --- specialization: end ---"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Triton's CPU interpreter (set before any @triton.jit runs, as the tests do): its 16-bit
+# arithmetic is wrong, so kernels with a tensor-core dot take an fp32 path there.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def pow2(n: int) -> int:

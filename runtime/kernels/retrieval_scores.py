@@ -19,13 +19,12 @@ Bytes moved per call ~ B*Hkv*S*D*b (K) + 2*B*Hq*S*4 (logits) + B*G*S*4 (weights)
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from specontext_compiler.runtime.kernels._common import cdiv, check_dtype, check_fixed, pow2, row_major
+from specontext_compiler.runtime.kernels._common import (INTERPRETED, cdiv, check_dtype, check_fixed, pow2,
+                                                         row_major)
 from specontext_compiler.runtime.kernels._program import load_query_group, request_and_head
 
 # --- specialization: begin ---
@@ -140,7 +139,7 @@ def retrieval_scores(q, k_cache, seq_lens, scaling: float, groups: int) -> torch
         q, k_cache, seq_lens, logits, part_m, part_l, num_kv_heads, seq_max, num_blocks, scaling,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, D=dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=block_s,
-        FP32_DOT=k_cache.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
+        FP32_DOT=INTERPRETED or k_cache.dtype == torch.float32)
     m = part_m.amax(dim=-1, keepdim=True)
     m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     lse = (m_safe + (part_l * (part_m - m_safe).exp()).sum(-1, keepdim=True).log()).squeeze(-1)

@@ -14,13 +14,11 @@ Bytes moved per call ~ B*Hkv*W*(D+Dv)*b (selected rows) + idx + q/out; see spars
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from specontext_compiler.runtime.kernels._common import cdiv, check_dtype, check_fixed, pow2, row_major
+from specontext_compiler.runtime.kernels._common import INTERPRETED, cdiv, check_dtype, check_fixed, pow2, row_major
 from specontext_compiler.runtime.kernels._program import load_query_group, request_and_head
 
 # --- specialization: begin ---
@@ -36,7 +34,7 @@ DTYPE = None          # "bfloat16", "float16" or "float32"
 _TARGET_PROGRAMS = 264   # ~2 waves of an H100's 132 SMs
 # Tensor-core path (tl.dot): compiled GPUs only; the interpreter computes bf16 wrongly, so CPU
 # tests run the fp32 CUDA-core kernel below, and the GPU tests check this one against the reference.
-_TENSOR_CORES = os.environ.get("TRITON_INTERPRET", "0") != "1"
+_TENSOR_CORES = not INTERPRETED
 _DOT_BLOCK_W = 64
 
 
