@@ -49,7 +49,8 @@ _OPTIONAL = ("unified_memory", "sources", "layer_fixed_us", *_FRACTIONS)
 _REQUIRED = tuple(f.name for f in fields(Target) if f.name not in _OPTIONAL)
 _VALID = tuple(f.name for f in fields(Target))
 _INT_KEYS = ("gpu_memory_bytes", "host_memory_bytes")
-_FLOAT_KEYS = ("hbm_gbps", "h2d_gbps", "pinned_gather_gbps", "bf16_tflops", "launch_overhead_us")
+_FLOAT_KEYS = ("hbm_gbps", "h2d_gbps", "pinned_gather_gbps", "bf16_tflops", "launch_overhead_us", "layer_fixed_us")
+_MAY_BE_ZERO = ("launch_overhead_us", "layer_fixed_us")
 
 
 def _target_from_dict(data: dict, where: str) -> Target:
@@ -62,6 +63,7 @@ def _target_from_dict(data: dict, where: str) -> Target:
             f"missing keys {missing}" if missing else ""]))
         raise TargetError(f"{where}: {problem}; valid keys are {list(_VALID)}")
     values = dict(data)
+    values.setdefault("layer_fixed_us", 0.0)
     try:
         for key in _INT_KEYS:
             values[key] = int(values[key])
@@ -70,8 +72,10 @@ def _target_from_dict(data: dict, where: str) -> Target:
     except (TypeError, ValueError):
         raise TargetError(f"{where}: {key} = {data[key]!r} is not a number; write e.g. {key} = 1.0e3")
     for key in _INT_KEYS + _FLOAT_KEYS:
-        if values[key] <= 0 and key != "launch_overhead_us":
+        if values[key] <= 0 and key not in _MAY_BE_ZERO:
             raise TargetError(f"{where}: {key} must be positive, got {values[key]}")
+    if values["layer_fixed_us"] < 0:
+        raise TargetError(f"{where}: layer_fixed_us must be >= 0, got {values['layer_fixed_us']}")
     for key in _FRACTIONS:
         try:
             values[key] = float(values.get(key, 1.0))
@@ -79,12 +83,6 @@ def _target_from_dict(data: dict, where: str) -> Target:
             raise TargetError(f"{where}: {key} = {data[key]!r} is not a number; write a fraction such as 0.8")
         if not 0 < values[key] <= 1:
             raise TargetError(f"{where}: {key} must be in (0, 1], got {values[key]}")
-    try:
-        values["layer_fixed_us"] = float(values.get("layer_fixed_us", 0.0))
-    except (TypeError, ValueError):
-        raise TargetError(f"{where}: layer_fixed_us = {data['layer_fixed_us']!r} is not a number; write e.g. 80.0")
-    if values["layer_fixed_us"] < 0:
-        raise TargetError(f"{where}: layer_fixed_us must be >= 0, got {values['layer_fixed_us']}")
     values["aliases"] = tuple(str(a).lower() for a in values.get("aliases", ()))
     values["name"] = str(values["name"]).lower()
     unified = values.get("unified_memory", False)
