@@ -12,12 +12,10 @@ batch it ran (today's plans may choose another batch) at the overlap it measured
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
-from specontext_compiler.cost_models.latency import step_time
-from specontext_compiler.cost_models.model_spec import ModelSpec
+from specontext_compiler.cost_models.plan_prediction import predicted_step
 from specontext_compiler.cost_models.target import load_target
-from specontext_compiler.cost_models.workload import Workload
 from specontext_compiler.runtime.plan import load_plan
 
 PLANS = "benchmarks/plans"
@@ -37,15 +35,12 @@ HELD_OUT = [("dense-65536", 65536, 7, None, 33.23, "run 10"),
 
 
 def predict(row, target) -> float:
+    """The plan's step at the row's length, re-evaluated with `target`, its batch and its overlap."""
     name, context, batch, overlap, _, _ = row
     plan = load_plan(f"{PLANS}/{name}")
-    spec = ModelSpec.from_dict(plan.model)
-    known = set(Workload.__dataclass_fields__) - {"head"}
-    workload = Workload(**{k: v for k, v in plan.workload.items() if k in known})
-    workload = replace(workload, batch=batch, **({"selection_overlap": overlap} if overlap is not None else {}))
-    issue_before = {slot.layer: slot.issue_before_layer for slot in plan.schedule}
-    return step_time(spec, workload, target, context, plan.segment_for(context).offloaded_layers,
-                     issue_before).step_ms
+    plan.target = asdict(target)
+    plan.workload = {**plan.workload, "batch": batch}
+    return predicted_step(plan, context, overlap).step_ms
 
 
 def fit(base):
