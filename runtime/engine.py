@@ -46,6 +46,10 @@ class Engine:
         self.memory = MemoryManager(plan, ctx)
         self.step = DecodeStep(self._forward, ctx, use_cuda_graph and device.type == "cuda")
         self.memory.on_change.append(self.step.invalidate)
+        # Each decode step's tokens come back through a pinned buffer behind an event (_tokens_to_host).
+        on_gpu = device.type == "cuda"
+        self._token_buffer = torch.empty(self.slots, dtype=torch.long, pin_memory=True) if on_gpu else None
+        self._token_event = torch.cuda.Event() if on_gpu else None
         # Prefill activations (logits of every chunk token, MLP intermediates) are outside the
         # decode-step memory model; 256-token chunks keep them under ~0.3 GB for an 8B model.
         self.prefill_chunk = 256
@@ -133,11 +137,8 @@ class Engine:
 
         On CUDA the copy goes to a pinned buffer behind an event, so the launches that follow it are
         not held up; the buffer is reused once the previous list was read."""
-        if self.device.type != "cuda":
+        if self._token_buffer is None:
             return lambda: ids[:, 0].tolist()
-        if getattr(self, "_token_buffer", None) is None:
-            self._token_buffer = torch.empty(self.slots, dtype=torch.long, pin_memory=True)
-            self._token_event = torch.cuda.Event()
         self._token_buffer.copy_(ids[:, 0], non_blocking=True)
         self._token_event.record()
 
