@@ -351,8 +351,9 @@ def eval_cmd(
     unknown = sorted(set(task) - {"recall", "passkey"})
     if unknown:
         raise SpecontextError(f"--task {', '.join(unknown)} is not a task; choose recall or passkey")
-    if question not in ("prompt", "decode"):
-        raise SpecontextError(f"--question {question} is not a mode; choose prompt or decode")
+    from specontext_compiler.eval.passkey import QUESTION_MODES
+    if question not in QUESTION_MODES:            # before the plan and model load
+        raise SpecontextError(f"--question {question} is not a mode; choose {' or '.join(QUESTION_MODES)}")
     if keys < 1:
         raise SpecontextError(f"--keys {keys} must be a positive integer")
     options: dict[str, Any] = {}
