@@ -13,8 +13,8 @@
 # The fused-head GPU tests compile a plan, which needs PuLP: fetch its wheel here once
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl pulp==3.3.2      # 16 MB, bundles CBC
-# and carry `.whl` (with benchmarks/plans); it is installed to /tmp/site below. (Run 14 had no
-# PuLP there and those tests errored at set-up; this path has not run on the GPU yet.)
+# and carry `.whl` (with benchmarks/plans); it is installed to /tmp/site below (first used in
+# runs 21-23; run 14, without it, errored at those tests' set-up).
 set -euo pipefail
 stage="$1"; shift || true
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -38,19 +38,20 @@ case "$stage" in
   pytest)
     python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -15 ;;
   profile)
-    if [[ $# -ge 2 ]]; then
+    profile() {   # PLAN CONTEXT [profile_step.py options]
       python3 benchmarks/profile_step.py --plan "benchmarks/plans/$1" --context "$2" "${@:3}" --out "$OUT" \
         2>&1 | tee -a "$OUT/profile.log" | grep -v Warning | tail -20
-      exit 0
+    }
+    if [[ $# -ge 2 ]]; then
+      profile "$@"; exit 0
     fi
-    # The 128k sparse step with the host gather's default grid, half and twice it, and the old
-    # one-program-per-block grid (-1); then the batch-1 plan and the [2k, 16k] plan at 10k tokens.
+    # The 128k sparse step with the host gather's default grid and 16, 66 and one program per
+    # block (-1) (run 20 swept these when the default was 33; it is now 16 on the H100); then the
+    # batch-1 plan and the [2k, 16k] plan at 10k tokens.
     for args in "sparse-130560 130560" "sparse-130560 130560 --gather-programs 16" \
                 "sparse-130560 130560 --gather-programs 66" "sparse-130560 130560 --gather-programs -1" \
                 "sparse1-130560 130560" "wl-2048-16384 10240"; do
-      set -- $args
-      python3 benchmarks/profile_step.py --plan "benchmarks/plans/$1" --context "$2" "${@:3}" --out "$OUT" \
-        2>&1 | tee -a "$OUT/profile.log" | grep -v Warning | tail -20 || true
+      profile $args || true
     done ;;
   *) echo "unknown stage '$stage' (tests | e2e128 | workloads W | profile [PLAN CONTEXT] | pytest ARGS)" >&2; exit 2 ;;
 esac
