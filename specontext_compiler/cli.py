@@ -422,6 +422,8 @@ def _distill_summary(report: dict, out: Path) -> Table:
              for key in recall_keys]
     if report.get("teacher_layers"):
         rows.append(("teacher layers", ", ".join(map(str, report["teacher_layers"]))))
+    if report.get("loss_level", "head") != "head":
+        rows.append(("loss", f"per {report['loss_level']}"))
     rows.append(("time", f"teacher {report['collect_s']:.1f} s, training {report['train_s']:.1f} s"))
     return _key_value_table(rows)
 
@@ -438,6 +440,7 @@ def distill_cmd(
     teacher: Annotated[str, typer.Option("--teacher", metavar="mean|max", help="How the LLM's layers combine into the target distribution.")] = "mean",
     recall_documents: Annotated[bool, typer.Option("--recall-documents", help="Mix in documents whose facts are asked about later.")] = False,
     teacher_layers: Annotated[Optional[str], typer.Option("--teacher-layers", metavar="A-B|A,B,...", help="Only these LLM layers make the target (e.g. 19-24, the layers that read far context). Default: all.")] = None,
+    loss: Annotated[str, typer.Option("--loss", metavar="head|group", help="Fit each query head to the LLM head of its index, or each selection group's mixture of heads to the group's target.")] = "head",
 ) -> None:
     """Distill a fused retrieval head from MODEL's own attention (CPU is fine; minutes for SmolLM2).
 
@@ -448,6 +451,9 @@ def distill_cmd(
     from specontext_compiler.distill.teacher import AGGREGATES
     if teacher not in AGGREGATES:        # before the model load, which takes the time
         raise SpecontextError(f"--teacher {teacher!r}: choose {' or '.join(AGGREGATES)}")
+    from specontext_compiler.distill.train import LOSS_LEVELS
+    if loss not in LOSS_LEVELS:
+        raise SpecontextError(f"--loss {loss!r}: choose {' or '.join(LOSS_LEVELS)}")
     layers = _layer_list(teacher_layers, "--teacher-layers") if teacher_layers is not None else None
     import torch
 
@@ -460,7 +466,7 @@ def distill_cmd(
     name = Path(model.rstrip("/")).name or model
     head, report = distill_retrieval_head(llm, tokenizer, sequences=sequences, seq_len=seq_len, epochs=epochs,
                                           teacher_aggregate=teacher, recall_documents=recall_documents,
-                                          teacher_layers=layers, name=name, progress=lambda line: err.print(f"[dim]{line}[/dim]"))
+                                          teacher_layers=layers, loss_level=loss, name=name, progress=lambda line: err.print(f"[dim]{line}[/dim]"))
     _save_atomically(head, out)
     console = _out()
     console.print(_distill_summary(report, out))

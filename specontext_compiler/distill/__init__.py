@@ -33,7 +33,8 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
                            seed: int = 0, progress: Callable[[str], None] | None = None,
                            name: str | None = None, queries: int = QUERIES_PER_SEQUENCE,
                            recent: int = RECENT_TOKENS, teacher_aggregate: str = "mean",
-                           recall_documents: bool = False, teacher_layers: tuple[int, ...] | None = None):
+                           recall_documents: bool = False, teacher_layers: tuple[int, ...] | None = None,
+                           loss_level: str = "head"):
     """(fused RetrievalHead, report) distilled from an HF causal LM's attention on stdlib prose.
 
     feature_layers: HF output_hidden_states indices the head reads (default_feature_layers).
@@ -42,7 +43,9 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
     teacher_aggregate: "mean" or "max" over layers (teacher.py); recall_documents: mix in
     documents with facts asked about later (corpus.py). Both defaults scored best on SmolLM2 at
     budgets 256-1024 (benchmarks/ACCURACY.md). teacher_layers: the LLM layers the teacher
-    aggregates (default all).
+    aggregates (default all). loss_level: "head" fits each query head to the LLM head of its
+    index, "group" each selection group's mixture of heads (train.cross_entropy); on SmolLM2,
+    "group" with teacher_layers 19-24 finds the 8k passkey at head level (benchmarks/ACCURACY.md).
     """
     import torch
 
@@ -53,7 +56,7 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
     layers = tuple(feature_layers) if feature_layers is not None else default_feature_layers(
         config.num_hidden_layers)
     _check_arguments(config, sequences=sequences, seq_len=seq_len, epochs=epochs, lr=lr,
-                     feature_layers=layers, teacher_layers=teacher_layers)
+                     feature_layers=layers, teacher_layers=teacher_layers, loss_level=loss_level)
     say = progress or (lambda message: None)
     started = time.perf_counter()
     samples = []
@@ -67,11 +70,13 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
     held_out = max(1, sequences // VALIDATION_FRACTION)
     base, _ = extract_retrieval_head("self:0", model, llm=model)
     head, history = train.fit(base, samples[:-held_out], samples[-held_out:], feature_layers=layers,
-                              epochs=epochs, lr=lr, seed=seed, recent=recent, progress=say)
+                              epochs=epochs, lr=lr, seed=seed, recent=recent, level=loss_level,
+                              progress=say)
     head.source, head.layer = f"distilled:{name or _model_name(model)}", 0
     report = {"source": head.source, "params": head.param_count(), "feature_layers": list(layers),
               "sequences": sequences, "teacher": teacher_aggregate, "recall_documents": recall_documents,
               "teacher_layers": list(teacher_layers) if teacher_layers is not None else None,
+              "loss_level": loss_level,
               "train_sequences": sequences - held_out,
               "validation_sequences": held_out, "seq_len": seq_len, "epochs": epochs, "lr": lr,
               "before": history[0], "after": history[-1], "history": history,
@@ -80,7 +85,11 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
 
 
 def _check_arguments(config, *, sequences: int, seq_len: int, epochs: int, lr: float,
-                     feature_layers: tuple[int, ...], teacher_layers: tuple[int, ...] | None = None) -> None:
+                     feature_layers: tuple[int, ...], teacher_layers: tuple[int, ...] | None = None,
+                     loss_level: str = "head") -> None:
+    from specontext_compiler.distill.train import LOSS_LEVELS
+    if loss_level not in LOSS_LEVELS:
+        raise SpecontextError(f"loss level {loss_level!r}: choose one of {LOSS_LEVELS}")
     if sequences < 2:
         raise SpecontextError(f"sequences={sequences}: need at least 2 (one trains, one validates)")
     if epochs < 1 or lr <= 0:

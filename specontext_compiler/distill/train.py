@@ -5,7 +5,8 @@ share one forward (`projection_input` + `qk_from_input`). It starts from a plain
 embedding norm and layer 0's Q/K): the embedding half of the fused Q/K keeps those weights, the
 feature half and `fc` start small and random, so step 0 already scores like layer 0. The loss per
 query head is the cross-entropy of the teacher distribution against the head's log-softmax over the
-selectable keys (KL up to the teacher's entropy). Validation recall: the teacher mass inside the
+selectable keys (KL up to the teacher's entropy); with level "group", the same for each selection
+group's mixture of heads against the group's mean target. Validation recall: the teacher mass inside the
 top-k keys of each selection group's max score, as `selection.select_tokens` picks them.
 """
 from __future__ import annotations
@@ -75,14 +76,35 @@ def attention_logits(head: RetrievalHead, sample: TeacherSample) -> torch.Tensor
     return torch.einsum("hpd,htd->hpt", q[0][:, sample.positions], k) * head.scaling
 
 
+LOSS_LEVELS = ("head", "group")
+
+
+def cross_entropy(teacher: torch.Tensor, log_probs: torch.Tensor, groups: int, level: str) -> torch.Tensor:
+    """Cross-entropy of teacher [Hq, P, T] against the head's log_probs [Hq, P, T].
+
+    "head": each query head matches the LLM's head of the same index. "group": each selection
+    group's mixture of its heads matches the group's mean target, so the heads of a group may
+    divide the group's work between them (one looking up copies, one reading nearby text), which
+    a per-head target forbids; head-level selection only sees the group's max anyway."""
+    if level == "head":
+        return -(teacher * log_probs).sum(-1).mean()
+    heads, queries, keys = log_probs.shape
+    per_group = heads // groups
+    mixture = log_probs.view(groups, per_group, queries, keys).logsumexp(1) - math.log(per_group)
+    target = teacher.view(groups, per_group, queries, keys).mean(1)
+    return -(target * mixture).sum(-1).mean()
+
+
 def loss_and_recall(head: RetrievalHead, sample: TeacherSample, recent: int,
-                    recall_at: tuple[int, ...] = RECALL_AT) -> tuple[torch.Tensor, dict[str, float]]:
-    """Cross-entropy of the teacher against the head over the selectable keys; recall at each k."""
+                    recall_at: tuple[int, ...] = RECALL_AT,
+                    level: str = "head") -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of the teacher against the head over the selectable keys (per head or per
+    selection group, `cross_entropy`); recall at each k."""
     seq_len = len(sample.ids)
     allowed = selectable_keys(sample.positions, seq_len, recent)
     teacher = sample.teacher.float()
     log_probs = attention_logits(head, sample).masked_fill(~allowed, -1e9).log_softmax(-1)
-    loss = -(teacher * log_probs).sum(-1).mean()
+    loss = cross_entropy(teacher, log_probs, head.selection_kv_heads, level)
     with torch.no_grad():
         recall = group_recall(log_probs.exp(), teacher, head.selection_kv_heads, recall_at)
     return loss, recall
@@ -103,12 +125,12 @@ def group_recall(scores: torch.Tensor, teacher: torch.Tensor, groups: int,
 
 
 def evaluate(head: RetrievalHead, samples: list[TeacherSample], recent: int,
-             recall_at: tuple[int, ...] = RECALL_AT) -> dict[str, float]:
+             recall_at: tuple[int, ...] = RECALL_AT, level: str = "head") -> dict[str, float]:
     """Mean loss and recall over samples."""
     totals: dict[str, float] = {}
     with torch.no_grad():
         for sample in samples:
-            loss, recall = loss_and_recall(head, sample, recent, recall_at)
+            loss, recall = loss_and_recall(head, sample, recent, recall_at, level)
             for name, value in {"loss": float(loss), **recall}.items():
                 totals[name] = totals.get(name, 0.0) + value / len(samples)
     return totals
@@ -116,13 +138,13 @@ def evaluate(head: RetrievalHead, samples: list[TeacherSample], recent: int,
 
 def fit(base: RetrievalHead, train: list[TeacherSample], validation: list[TeacherSample], *,
         feature_layers: tuple[int, ...], epochs: int, lr: float, seed: int, recent: int,
-        recall_at: tuple[int, ...] = RECALL_AT,
+        recall_at: tuple[int, ...] = RECALL_AT, level: str = "head",
         progress: Callable[[str], None] | None = None) -> tuple[RetrievalHead, list[dict]]:
     """(trained fused head, per-epoch validation history; entry 0 is before training).
 
     AdamW without weight decay, one sequence per step, a one-cycle learning-rate schedule."""
     head = fused_student(base, feature_layers, seed)
-    history = [{"epoch": 0, **evaluate(head, validation, recent, recall_at)}]
+    history = [{"epoch": 0, **evaluate(head, validation, recent, recall_at, level)}]
     _log(progress, history[-1])
     parameters = trainable(head)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
@@ -131,12 +153,12 @@ def fit(base: RetrievalHead, train: list[TeacherSample], validation: list[Teache
     order = torch.Generator().manual_seed(seed)
     for epoch in range(1, epochs + 1):
         for index in torch.randperm(len(train), generator=order).tolist():
-            loss, _ = loss_and_recall(head, train[index], recent, recall_at)
+            loss, _ = loss_and_recall(head, train[index], recent, recall_at, level)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
-        history.append({"epoch": epoch, **evaluate(head, validation, recent, recall_at)})
+        history.append({"epoch": epoch, **evaluate(head, validation, recent, recall_at, level)})
         _log(progress, history[-1])
     for tensor in parameters:
         tensor.requires_grad_(False)

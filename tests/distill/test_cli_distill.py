@@ -34,6 +34,12 @@ def test_bad_teacher_layers_exit_2_before_the_model_loads(tmp_path, text):
                           "--teacher-layers")
 
 
+@pytest.mark.parametrize("option, value", [("--loss", "layer"), ("--teacher", "median")])
+def test_unknown_loss_or_teacher_exits_2_before_the_model_loads(tmp_path, monkeypatch, option, value):
+    monkeypatch.setattr(smollm2, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "h.safetensors"), option, value), option)
+
+
 def test_missing_output_directory_and_unknown_model_exit_2(tmp_path):
     assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "nope" / "h.safetensors")), "does not exist")
     assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "h.bin")), ".safetensors")
