@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Compile every plan the GPU benchmarks read (bench_e2e.py, bench_workloads.py) for the H100 target,
-# into benchmarks/plans/ (gitignored). Needs the compiler's dependencies (PuLP): run it here, then
-# carry benchmarks/plans to the GPU machine. ~15 s a plan on 2 cores.
-#   bash benchmarks/compile_bench_plans.sh            # all
-#   bash benchmarks/compile_bench_plans.sh e2e        # bench_e2e.py plans only
+# Compile every plan the GPU benchmarks read (bench_e2e.py, bench_workloads.py) for one target
+# (TARGET, default h100; `specontext targets` lists them), into benchmarks/plans/ (gitignored).
+# Needs the compiler's dependencies (PuLP): run it here, then carry benchmarks/plans to the GPU
+# machine. ~15 s a plan on 2 cores. The plans' names do not say the target: recompile all of them
+# when the GPU changes.
+#   bash benchmarks/compile_bench_plans.sh            # all, for the H100
+#   TARGET=h200 bash benchmarks/compile_bench_plans.sh e2e   # bench_e2e.py plans only, for the H200
 #   bash benchmarks/compile_bench_plans.sh workloads  # Table 5 plans only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-all}"
-compile() { specontext compile llama-3.1-8b --target h100 --budget "$1" "${@:2}" >/dev/null; }
+target="${TARGET:-h100}"
+compile() { specontext compile llama-3.1-8b --target "$target" --budget "$1" "${@:2}" >/dev/null; }
 
 if [[ "$which" == all || "$which" == e2e ]]; then
   for ctx in 32768 65536 130560; do
@@ -24,4 +27,5 @@ if [[ "$which" == all || "$which" == workloads ]]; then
     compile 2048 --prompt-len "$in" --max-len $(( in + out )) --batch auto -o "benchmarks/plans/wl-$in-$out"
   done
 fi
+echo "compiled for target $target:"
 ls benchmarks/plans

@@ -5,6 +5,11 @@
 # carried in benchmarks/plans. Stages (each fits one 10-minute call):
 #   tests       kernel tests compiled for the GPU, and the GPU-marked runtime tests
 #   e2e128      bench_e2e.py at 128k: the sparse plan (its own batch) and the batch-1 plan
+#   e2e128-overlap [F ...]  the same two at a synthetic selection overlap of 0.8 (overlap_control.py),
+#               then the sparse plan at 0.7 and 0.9 while the call has time left (MAX_SECONDS,
+#               default 480: a target starts only if the last run's duration still fits); with
+#               targets given, the sparse plan at those only. The batch-1 plan offloads nothing, so
+#               overlap cannot change its step: it runs once, as a check.
 #   workloads W bench_workloads.py for W (e.g. 32k:2k), --max-seconds from $MAX_SECONDS (default 420)
 #   profile [PLAN CONTEXT]  profile_step.py, piece by piece against the latency model: without
 #               arguments the 128k sparse step over four gather grids, the 128k batch-1 step, and
@@ -32,6 +37,22 @@ case "$stage" in
   e2e128)
     python3 benchmarks/bench_e2e.py --contexts 130560 --methods sparse,sparse1 --steps 10 --out "$OUT" \
       2>&1 | tee "$OUT/e2e128.log" | tail -25 ;;
+  e2e128-overlap)
+    budget="${MAX_SECONDS:-480}"
+    runs=("0.8 sparse,sparse1" "0.7 sparse" "0.9 sparse")
+    if [[ $# -gt 0 ]]; then runs=(); for target in "$@"; do runs+=("$target sparse"); done; fi
+    for run in "${runs[@]}"; do
+      read -r overlap methods <<<"$run"
+      started=$SECONDS
+      python3 benchmarks/bench_e2e.py --contexts 130560 --methods "$methods" --steps 10 --overlap "$overlap" \
+        --out "$OUT" 2>&1 | tee -a "$OUT/e2e128-overlap.log" | tail -15
+      took=$(( SECONDS - started ))    # SECONDS counts from the call's start, the install included
+      if (( SECONDS + took > budget )); then
+        echo "stopping after overlap $overlap (${took} s): the next would end past ${budget} s" \
+          | tee -a "$OUT/e2e128-overlap.log"
+        break
+      fi
+    done ;;
   workloads)
     python3 benchmarks/bench_workloads.py --workloads "$1" --max-seconds "${MAX_SECONDS:-420}" \
       2>&1 | tee "$OUT/workloads.log" | tail -25 ;;
@@ -53,5 +74,6 @@ case "$stage" in
                 "sparse1-130560 130560" "wl-2048-16384 10240"; do
       profile $args || true
     done ;;
-  *) echo "unknown stage '$stage' (tests | e2e128 | workloads W | profile [PLAN CONTEXT] | pytest ARGS)" >&2; exit 2 ;;
+  *) echo "unknown stage '$stage' (tests | e2e128 | e2e128-overlap | workloads W | profile [PLAN CONTEXT] | pytest ARGS)" >&2
+     exit 2 ;;
 esac
