@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from specontext_compiler.dlm import rope_of
 from specontext_compiler.runtime import selection
 from specontext_compiler.runtime.kernels.elastic_load import elastic_diff
 from specontext_compiler.runtime.retrieval_head import apply_rope, rope_inv_freq
@@ -256,8 +257,7 @@ def unweighted_inputs(config: dict, context: int, budget: int, seed: int = 0, si
     """An HF config's head shape and RoPE, with a unit Gaussian fixed query and own key (CPU)."""
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope_dict = {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
-    rope = Rope.of(rope_dict | (config.get("rope_scaling") or {}), dim, config["max_position_embeddings"])
+    rope = Rope.of(rope_of(config), dim, config["max_position_embeddings"])
     generator = torch.Generator().manual_seed(seed)
     positions = torch.arange(context, context + SIMULATED_STEPS)
 

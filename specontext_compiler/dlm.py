@@ -123,7 +123,7 @@ def _numel(shape) -> int:
 
 
 # -- extraction ---------------------------------------------------------------------------------
-def _rope_of(config: dict) -> dict:
+def rope_of(config: dict) -> dict:
     """Normalized RoPE dict (rope_type, rope_theta, scaling fields) from transformers 4.x or 5.x configs."""
     params = dict(config.get("rope_parameters") or {})
     scaling = dict(config.get("rope_scaling") or {})
@@ -152,7 +152,7 @@ def _head_from(tensors: _Tensors, config: dict, prefix: str, *, eagle3: bool, em
     return RetrievalHead(
         embedding=embedding, norm_weight=tensors.get(prefix + "input_layernorm.weight"),
         q_weight=q_w, k_weight=k_w, **bias, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope=_rope_of(config),
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope=rope_of(config),
         max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
         embedding_shared=embedding is None,
         embedding_name=embedding_name, vocab_size=int(config["vocab_size"]), source=source, layer=layer)

@@ -6,8 +6,8 @@ embedding norm and layer 0's Q/K): the embedding half of the fused Q/K keeps tho
 feature half and `fc` start small and random, so step 0 already scores like layer 0. The loss per
 query head is the cross-entropy of the teacher distribution against the head's log-softmax over the
 selectable keys (KL up to the teacher's entropy); with level "group", the same for each selection
-group's mixture of heads against the group's mean target. Validation recall: the teacher mass inside the
-top-k keys of each selection group's max score, as `selection.select_tokens` picks them.
+group's mixture of heads against the group's mean target. Validation recall: the teacher mass
+inside the top-k keys of each selection group's max score, as `selection.select_tokens` picks them.
 """
 from __future__ import annotations
 
