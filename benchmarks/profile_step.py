@@ -1,13 +1,18 @@
 """Where one captured decode step's time goes on the GPU, piece by piece, against the plan's model.
 
     python benchmarks/profile_step.py --plan benchmarks/plans/sparse-130560 --context 130560 --out $OUT
+    python benchmarks/profile_step.py --plan benchmarks/plans/sparse-130560 --context 130560 --overlap 0.8
 
 Builds the plan's model with random weights (as bench_e2e.py), fills every slot to `context`, replays
 the captured step a few times, then profiles more replays with torch.profiler. From the trace it sums
 GPU kernel time by piece (retrieval scoring, top-k, elastic diff, host gather, sparse attention, GEMMs,
 the rest) and each stream's busy time, and prints them beside the latency model's breakdown at the
-selection overlap this run measured (cost_models/plan_prediction.py). Writes the Chrome trace and a
-JSON summary to OUT.
+selection overlap this run measured (cost_models/plan_prediction.py). --overlap F sets up the
+synthetic selection overlap of bench_e2e.py (overlap_control.py: a fixed token, a structured head K
+cache) so the copy stream moves what a real model's steps would. Last, one more step is traced
+alone and printed as a per-stream timeline (each stream's runs of one piece, start and end in ms
+from the step's first kernel): which copy waits for what, and where the critical path runs.
+Writes the Chrome traces and a JSON summary to OUT.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import overlap_control  # noqa: E402  (benchmark-local module)
 from bench_e2e import fill_store_randomly, random_llama  # noqa: E402  (benchmark-local module)
 
 from specontext_compiler.cost_models.plan_prediction import predicted_step  # noqa: E402
@@ -73,6 +79,29 @@ def summarize(trace_path: Path, replays: int) -> dict:
             "top_kernels_ms": dict(sorted(names.items(), key=lambda kv: -kv[1])[:15])}
 
 
+def timeline(trace_path: Path, merge_gap_us: float = 30.0) -> list[dict]:
+    """One traced step as runs of a piece per stream: [{stream, piece, start_ms, end_ms, kernels}].
+
+    Consecutive kernels of one piece on one stream, less than merge_gap_us apart, form one run;
+    times are from the step's first kernel.
+    """
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    if not kernels:
+        return []
+    origin, runs, last = kernels[0]["ts"], [], {}
+    for e in kernels:
+        stream, piece = e["args"].get("stream", -1), piece_of(e["name"])
+        start, end = (e["ts"] - origin) / 1e3, (e["ts"] + e["dur"] - origin) / 1e3
+        run = last.get(stream)
+        if run and run["piece"] == piece and start - run["end_ms"] < merge_gap_us / 1e3:
+            run["end_ms"], run["kernels"] = end, run["kernels"] + 1
+            continue
+        last[stream] = {"stream": stream, "piece": piece, "start_ms": start, "end_ms": end, "kernels": 1}
+        runs.append(last[stream])
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default="benchmarks/plans/sparse-130560")
@@ -82,8 +111,15 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="profile without the CUDA graph")
     parser.add_argument("--gather-programs", type=int, default=None,
                         help="override the host gather's program count (elastic_load.PROGRAMS; -1: one per block)")
+    parser.add_argument("--overlap", help="synthetic selection overlap in (0, 1), as bench_e2e.py --overlap")
     parser.add_argument("--out", default=os.environ.get("OUT", "profile_out"))
     args = parser.parse_args()
+    if args.overlap is not None:
+        try:
+            args.overlap = overlap_control.parse_target(args.overlap)
+        except ValueError as exc:
+            print(f"profile_step.py: --overlap: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -94,13 +130,18 @@ def main() -> None:
     if args.gather_programs is not None:
         gather.PROGRAMS = args.gather_programs
     fill_store_randomly(engine, args.context)
-    ids = torch.randint(0, 1000, (engine.slots, 1), device="cuda")
+    if args.overlap is None:
+        ids = torch.randint(0, 1000, (engine.slots, 1), device="cuda")
+    else:
+        overlap_control.prepare_engine(engine, args.context, args.overlap)
+        ids = overlap_control.fixed_token_ids(engine.slots, engine.device)
 
     def step():
         nonlocal ids
         engine.memory.before_step(int(engine.ctx.cache_len.max()))
         logits = engine.step.run(ids, engine.ctx.cache_len.view(-1, 1).clone())
-        ids = logits[:, -1].argmax(-1, keepdim=True)
+        if args.overlap is None:
+            ids = logits[:, -1].argmax(-1, keepdim=True)
 
     for _ in range(args.warm):
         step()
@@ -111,7 +152,8 @@ def main() -> None:
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3 / args.replays
 
-    tag = f"{Path(args.plan).name}{'-eager' if args.eager else ''}-g{gather.PROGRAMS}"
+    tag = (f"{Path(args.plan).name}{'-eager' if args.eager else ''}-g{gather.PROGRAMS}"
+           f"{'' if args.overlap is None else f'-o{args.overlap}'}")
     trace = out / f"trace-{tag}.json"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -120,9 +162,17 @@ def main() -> None:
         torch.cuda.synchronize()
     prof.export_chrome_trace(str(trace))
     summary = summarize(trace, args.replays)
+    one_step = out / f"trace-{tag}-one-step.json"
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(one_step))
+    summary["timeline"] = timeline(one_step)
     stats = engine.stats()
     model_step = predicted_step(engine.plan, args.context, stats["selection_overlap"])
     summary.update({"plan": args.plan, "context": args.context, "batch": engine.slots, "eager": args.eager,
+                    "overlap_target": args.overlap,
                     "gather_programs": gather.PROGRAMS,
                     "wall_ms_per_step": wall_ms, "overlap": stats["selection_overlap"],
                     "offloaded_layers": len(engine.plan.segment_for(args.context).offloaded_layers),
@@ -151,6 +201,20 @@ def print_tables(s: dict) -> None:
     print("\n| stream | busy ms/step |\n|---|---|")
     for stream, ms in s["stream_busy_ms"].items():
         print(f"| {stream} | {ms:.2f} |")
+    print_timeline(s["timeline"])
+
+
+def print_timeline(runs: list[dict]) -> None:
+    """The traced step's selection, gather and attention runs, then each stream's span."""
+    print("\n| stream | piece | start ms | end ms | kernels |\n|---|---|---|---|---|")
+    for run in runs:
+        if run["piece"] in ("host gather", "retrieval scores", "top-k + diff (torch)", "sparse attention"):
+            print(f"| {run['stream']} | {run['piece']} | {run['start_ms']:.2f} | {run['end_ms']:.2f} | "
+                  f"{run['kernels']} |")
+    for stream in sorted({r["stream"] for r in runs}, key=str):
+        mine = [r for r in runs if r["stream"] == stream]
+        print(f"| {stream} | (all) | {mine[0]['start_ms']:.2f} | {mine[-1]['end_ms']:.2f} | "
+              f"{sum(r['kernels'] for r in mine)} |")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 One KernelSet serves both devices, so the step context and the prefetcher have a single code path:
 `reference=True` picks each family's `<name>_reference` (the specification the kernel tests
 compare against); otherwise the launchers, from the plan's specialized files (plan_dir/kernels/,
-sha256-checked) when given, else the packaged templates. The elastic diff, the top-k selection
-and buffer_indices are plain torch ops in both cases.
+sha256-checked) when given, else the packaged templates. The elastic diff and its
+compaction, the top-k selection and buffer_indices are plain torch ops in both cases.
 """
 from __future__ import annotations
 
@@ -53,8 +53,11 @@ class KernelSet:
     def elastic_diff(self, slot_pos, new_idx):
         return self.modules["elastic_load"].elastic_diff(slot_pos, new_idx)
 
-    def gather_rows(self, host_k, host_v, buf_k, buf_v, load_pos, load_slot):
-        self._fn("elastic_load", "gather_rows")(host_k, host_v, buf_k, buf_v, load_pos, load_slot)
+    def compact_loads(self, load_pos, load_slot):
+        return self.modules["elastic_load"].compact_loads(load_pos, load_slot)
+
+    def gather_compact(self, host_k, host_v, buf_k, buf_v, loads, groups):
+        self._fn("elastic_load", "gather_compact")(host_k, host_v, buf_k, buf_v, loads, groups)
 
     def buffer_indices(self, slot_pos):
         return self.modules["elastic_load"].buffer_indices(slot_pos)

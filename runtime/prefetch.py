@@ -6,8 +6,9 @@ buffers are copied (S_now - S_last), into the slots freed by S_last - S_now.
 
 One index set serves every layer, so all offloaded layers' buffers hold the same positions in the
 same slots, recorded once in the store's slot table. The first load of a step computes the diff
-against that table and then updates the table; every later load of the step copies the same
-(load_pos, load_slot) into its own buffer. A layer offloaded after the table was filled starts
+against that table, packs the rows to copy into one compact list (kernels/elastic_load.py says
+why) and then updates the table; every later load of the step copies the same list into its own
+buffer. A layer offloaded after the table was filled starts
 with an empty buffer: its first load copies every position the updated table names instead.
 
 On CUDA the diff and the copies run on a side stream, in issue order, one event per layer; the
@@ -28,8 +29,8 @@ import torch
 class StepDiff:
     """The elastic diff of one step, shared by every offloaded layer's load."""
 
-    load_pos: torch.Tensor     # [B, G, W] int32 position to copy, -1 none
-    load_slot: torch.Tensor    # [B, G, W] int32 buffer slot it goes to
+    rows: object               # CompactLoads: (row, position, slot) of each copy, and their count
+    groups: int                # G of the [B, G, W] selection the rows index
     loads: torch.Tensor        # 0-d: rows one layer copies
     wanted: torch.Tensor       # 0-d: rows selected
     source: tuple              # (indices address, rows): what the diff was computed for
@@ -94,8 +95,8 @@ class Prefetcher:
         if kv.needs_full_load:
             self._full_load(kv)
         else:
-            self.kernels.gather_rows(kv.k[rows], kv.v[rows], kv.buf_k[rows], kv.buf_v[rows],
-                                     diff.load_pos, diff.load_slot)
+            self.kernels.gather_compact(kv.k[rows], kv.v[rows], kv.buf_k[rows], kv.buf_v[rows],
+                                        diff.rows, diff.groups)
             self.rows_loaded += diff.loads
         self.rows_requested += diff.wanted
 
@@ -108,8 +109,9 @@ class Prefetcher:
             return self._diff
         table = self.store.slot_pos[rows]
         load_pos, load_slot, new_table = self.kernels.elastic_diff(table, indices.to(torch.int32))
-        table.copy_(new_table)    # later loads of this step use load_pos/load_slot, not the table
-        self._diff = StepDiff(load_pos, load_slot, (load_pos >= 0).sum(), (indices >= 0).sum(), source)
+        table.copy_(new_table)    # later loads of this step use the compact list, not the table
+        self._diff = StepDiff(self.kernels.compact_loads(load_pos, load_slot), table.shape[1],
+                              (load_pos >= 0).sum(), (indices >= 0).sum(), source)
         return self._diff
 
     def _full_load(self, kv) -> None:
@@ -119,6 +121,7 @@ class Prefetcher:
         elastic copy (were it captured, replaying it would be correct, only slower).
         """
         table = self.store.slot_pos
-        self.kernels.gather_rows(kv.k, kv.v, kv.buf_k, kv.buf_v, table, self.kernels.buffer_indices(table))
+        every_slot = self.kernels.compact_loads(table, self.kernels.buffer_indices(table))
+        self.kernels.gather_compact(kv.k, kv.v, kv.buf_k, kv.buf_v, every_slot, table.shape[1])
         self.rows_loaded += (table >= 0).sum()
         kv.needs_full_load = False

@@ -1,4 +1,4 @@
-"""elastic_diff invariants, equality with the set-based reference, gather_rows, buffer_indices."""
+"""elastic_diff invariants, equality with the set-based reference, compact_loads, gathers, buffer_indices."""
 import pytest
 import torch
 
@@ -107,3 +107,35 @@ def test_gather_rows_persistent_grid_covers_every_block(monkeypatch, programs):
     el.gather_rows_reference(host_k, host_v, ref_k, ref_v, load_pos, load_slot)
     el.gather_rows(host_k, host_v, buf_k, buf_v, load_pos, load_slot)
     assert torch.equal(buf_k, ref_k) and torch.equal(buf_v, ref_v)
+
+
+@pytest.mark.parametrize("groups,keep", [(3, 0.8), (1, 0.0), (2, 1.0)])
+def test_compact_loads_packs_every_load_in_order(groups, keep):
+    """Same list as the nonzero() reference: (row, position, slot) of each load, then -1."""
+    batch, width, seq = 3, 17, 60
+    slot_pos = _slot_pos(batch, groups, width, seq, empty=2)
+    load_pos, load_slot, _ = el.elastic_diff(slot_pos, _overlapping(slot_pos, seq, keep))
+    got, expected = el.compact_loads(load_pos, load_slot), el.compact_loads_reference(load_pos, load_slot)
+    assert got.entries.dtype == got.count.dtype == torch.int32
+    assert torch.equal(got.entries, expected.entries) and torch.equal(got.count, expected.count)
+    assert int(got.count) == int((load_pos >= 0).sum())
+    assert got.entries.shape == (3, batch * groups * width)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,groups", [(4, 4), (3, 1)])
+def test_gather_compact_matches_reference(dtype, heads, groups):
+    """The Triton gather and the compact reference both equal the [B, G, W] reference."""
+    batch, width, seq, dim, dim_v = 2, 19, 70, 16, 24
+    host_k = torch.randn(batch, heads, seq, dim).to(dtype)
+    host_v = torch.randn(batch, heads, seq, dim_v).to(dtype)
+    slot_pos = _slot_pos(batch, groups, width, seq, empty=5)
+    load_pos, load_slot, _ = el.elastic_diff(slot_pos, _overlapping(slot_pos, seq, 0.5))
+    loads = el.compact_loads(load_pos, load_slot)
+    bufs = [(torch.randn(batch, heads, width, dim).to(dtype), torch.randn(batch, heads, width, dim_v).to(dtype))]
+    bufs += [tuple(t.clone() for t in bufs[0]) for _ in range(2)]
+    el.gather_rows_reference(host_k, host_v, *bufs[0], load_pos, load_slot)
+    el.gather_compact_reference(host_k, host_v, *bufs[1], loads, groups)
+    el.gather_compact(host_k, host_v, *bufs[2], loads, groups)
+    for got in bufs[1:]:
+        assert torch.equal(got[0], bufs[0][0]) and torch.equal(got[1], bufs[0][1])
