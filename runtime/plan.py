@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from specontext_compiler.errors import PlanError
+from specontext_compiler.runtime.atomic_dir import DirectoryInUse, check_replaceable, publish_dir
 
 SCHEMA_VERSION = (1, 0)
 PLAN_FILE = "plan.json"
@@ -128,14 +127,14 @@ def load_plan(directory: str | os.PathLike) -> Plan:
 
 
 def write_plan_dir(plan: Plan, directory: str | os.PathLike, files: dict[str, str | bytes]) -> Path:
-    """Write plan.json and extra files atomically: build in a temp dir beside, then rename.
+    """Write plan.json and extra files as one directory, published atomically (runtime/atomic_dir).
 
-    A crash or error never leaves a half-written plan; an existing plan is replaced whole.
+    Only an existing specontext plan (or an empty directory) is replaced; any other existing path
+    is refused before anything is written, so `-o` can never remove a user's files.
     """
-    final = Path(directory).resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    final = Path(directory).absolute()
+
+    def write_into(staging: Path) -> None:
         for rel, content in files.items():
             target = staging / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -144,15 +143,38 @@ def write_plan_dir(plan: Plan, directory: str | os.PathLike, files: dict[str, st
             else:
                 target.write_text(content)
         (staging / PLAN_FILE).write_text(plan.to_json())
-        if final.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, backup / final.name)
-            os.replace(staging, final)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    try:
+        publish_dir(final, write_into, may_replace=is_plan_dir)
+    except DirectoryInUse as exc:
+        raise PlanError(f"refusing to write the plan to {final}: {exc}; choose a new "
+                        "-o path (specontext replaces only its own plan directories)") from None
+    except OSError as exc:
+        raise PlanError(f"cannot write the plan to {final}: {exc.strerror or exc}; "
+                        "choose a writable -o path") from None
     plan.directory = final
     return final
+
+
+def check_plan_output(directory: str | os.PathLike) -> None:
+    """Refuse an output path that is not ours to replace, before any compile work is done."""
+    final = Path(directory).absolute()
+    try:
+        check_replaceable(final, is_plan_dir)
+    except DirectoryInUse as exc:
+        raise PlanError(f"refusing to write the plan to {final}: {exc}; choose a new "
+                        "-o path (specontext replaces only its own plan directories)") from None
+    existing = next((p for p in (final, *final.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise PlanError(f"cannot write the plan to {final}: {existing} is a file; choose another -o path")
+
+
+def is_plan_dir(directory: Path) -> bool:
+    """A directory holding a plan.json with this schema's shape (what specontext itself writes)."""
+    plan_file = Path(directory) / PLAN_FILE
+    try:
+        data = json.loads(plan_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(data, dict) and isinstance(data.get("schema_version"), list)
+            and isinstance(data.get("producer"), dict) and isinstance(data.get("segments"), list))

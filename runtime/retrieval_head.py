@@ -276,6 +276,16 @@ class RetrievalHead:
         Path(path).write_bytes(self.to_bytes())
         return Path(path)
 
+    @staticmethod
+    def is_head_file(path: str | Path) -> bool:
+        """True for a safetensors file that `save` wrote (it carries our metadata key)."""
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return METADATA_KEY in (handle.metadata() or {})
+        except Exception:                  # not safetensors at all (any parser error): not ours
+            return False
+
     @classmethod
     def load(cls, path: str | Path, embedding: torch.Tensor | None = None, device="cpu",
              dtype: torch.dtype | None = None) -> "RetrievalHead":

@@ -127,9 +127,8 @@ def _parse_batch(text: str) -> int | str:
 
 
 def _default_out(model: str, target: str, target_file: str | None) -> Path:
-    name = Path(model.rstrip("/")).name or model
-    tgt = Path(target_file).stem if target_file else target
-    return Path("plans") / re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}-{tgt}")
+    from specontext_compiler.driver import default_plan_dir
+    return default_plan_dir(model, Path(target_file).stem if target_file else target)
 
 
 def _compile_summary(plan: Any, stage_s: dict[str, float]) -> Table:
@@ -167,7 +166,7 @@ def compile_cmd(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Preset name (e.g. llama-3.1-8b), HF model directory or GGUF file.")],
     target: Annotated[str, typer.Option("--target", "-t", metavar="NAME", help="Built-in GPU target name or alias; see `specontext targets`.")] = "a100",
     max_len: Annotated[str, typer.Option("--max-len", metavar="TOKENS", help="Longest sequence to plan for, in tokens; accepts 131072, 128k, 1M (k = 1024).")] = "128k",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Plan directory to write (replaced whole). Default: plans/<model>-<target>.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Plan directory to write; only a specontext plan (or an empty directory) is replaced. Default: plans/<model>-<target>.")] = None,
     batch: Annotated[str, typer.Option("--batch", metavar="N|auto", help="Concurrent requests: a positive integer, or 'auto' for the largest that fits.")] = "1",
     budget: Annotated[int, typer.Option("--budget", min=1, metavar="TOKENS", help="Selected KV tokens per layer per step (the paper's B), in tokens.")] = 2048,
     sinks: Annotated[int, typer.Option("--sinks", min=0, metavar="TOKENS", help="Leading sink tokens always attended, in tokens.")] = 1,
@@ -379,6 +378,10 @@ def _check_distill_options(out: Path, **counts: int) -> None:
         raise SpecontextError(f"output {out} must end in .safetensors (how --dlm recognizes a head file)")
     if not out.parent.is_dir():
         raise SpecontextError(f"output directory {out.parent} does not exist; create it first")
+    from specontext_compiler.runtime.retrieval_head import RetrievalHead
+    if out.exists() and not (out.is_file() and RetrievalHead.is_head_file(out)):
+        raise SpecontextError(f"refusing to write the head to {out}: it exists and is not a specontext "
+                              "retrieval head; choose a new -o path (only a head file is replaced)")
 
 
 def _layer_list(text: str, option: str) -> tuple[int, ...]:
@@ -432,7 +435,7 @@ def _distill_summary(report: dict, out: Path) -> Table:
 @_edge
 def distill_cmd(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="'smollm2', a local HF model directory or a GGUF file: the LLM to distill from.")],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="HEAD.safetensors", help="Retrieval-head file to write (replaced atomically); pass it to --dlm.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="HEAD.safetensors", help="Retrieval-head file to write (an existing head is replaced atomically, any other file is refused); pass it to --dlm.")],
     sequences: Annotated[int, typer.Option("--sequences", metavar="N", help="Training sequences (one in 8 held out for validation).")] = 48,
     seq_len: Annotated[int, typer.Option("--seq-len", metavar="TOKENS", help="Length of each training sequence, in tokens.")] = 2048,
     epochs: Annotated[int, typer.Option("--epochs", metavar="E", help="Passes over the training sequences.")] = 8,

