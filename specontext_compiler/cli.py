@@ -144,7 +144,8 @@ def _compile_summary(plan: Any, stage_s: dict[str, float]) -> Table:
             ("GPU layers", f"{len(first.gpu_layers)}/{summary['num_layers']} at start, "
                            f"{len(last.gpu_layers)}/{summary['num_layers']} at max len "
                            f"({len(plan.segments)} segments)"),
-            ("predicted", f"{tok_s:.1f} tok/s at max len (all {summary['batch']} requests)" if tok_s else "-"),
+            ("predicted", f"{tok_s:.1f} tok/s at max len (all {summary['batch']} requests, selection overlap "
+                          f"{plan.workload.get('selection_overlap')})" if tok_s else "-"),
             ("solver", f"{plan.solver.get('name')}: {plan.solver.get('status')}"),
             ("compile time", f"{sum(stage_s.values()):.1f} s: " + ", ".join(
                 f"{name} {s:.1f} s" for name, s in stage_s.items() if s >= 0.05))]
@@ -207,14 +208,18 @@ def inspect_cmd(
     plan_dir: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan directory written by `specontext compile`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan and a summary as JSON.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.png", help="Also write a PNG (memory vs sequence length, one-step timeline); needs matplotlib.")] = None,
+    selection_overlap: Annotated[Optional[float], typer.Option("--selection-overlap", metavar="F", help="Re-price the plan's predictions and timeline at this selection overlap (share of rows already selected at the previous step) instead of the one it was compiled for.")] = None,
 ) -> None:
     """Show a plan: per-layer residency, memory per segment, predicted overlap, solver and passes.
 
-    Example: specontext inspect plans/llama-a100 --plot llama-a100.png
+    Example: specontext inspect plans/llama-a100 --plot llama-a100.png --selection-overlap 0.9
     """
     from specontext_compiler import report
     from specontext_compiler.runtime.plan import load_plan
     plan = load_plan(plan_dir)
+    if selection_overlap is not None:
+        from specontext_compiler.cost_models.plan_prediction import repriced
+        plan = repriced(plan, selection_overlap)
     if plot is not None:
         from specontext_compiler.plot import write_plot
         written = write_plot(plan, plot)
