@@ -257,13 +257,20 @@ def _targets_tables(targets: list[Any], with_sources: bool) -> list[Table]:
 @app.command("targets")
 @_edge
 def targets_cmd(
-    name: Annotated[Optional[str], typer.Argument(metavar="[NAME]", help="Show one target with the source of each figure.")] = None,
+    name: Annotated[Optional[str], typer.Argument(metavar="[NAME]", help="Show one target with the source of each figure (with --probe: compare with it).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the targets as JSON (bytes, GB/s, TFLOPS).")] = False,
+    probe: Annotated[bool, typer.Option("--probe", help="Measure this machine's GPU the way the runtime uses it and write a target file (needs CUDA; ~1 minute).")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE.toml", help="With --probe: the target file to write (never overwritten). Default: print it.")] = None,
 ) -> None:
     """List the built-in GPU targets: memory (GiB), bandwidths (GB/s), bf16 TFLOPS; NAME adds sources.
 
-    Example: specontext targets h100
+    Example: specontext targets h100; specontext targets h200 --probe -o my-h200.toml
     """
+    if probe:
+        _probe_target(name, out)
+        return
+    if out is not None:
+        raise SpecontextError("-o/--out writes a probed target; add --probe")
     from specontext_compiler.cost_models.target import list_targets, load_target
     targets = [load_target(name)] if name else [load_target(t) if isinstance(t, str) else t for t in list_targets()]
     if as_json:
@@ -275,7 +282,25 @@ def targets_cmd(
         console.print()
     if name is None:
         console.print("[dim]sources of the figures: specontext targets NAME; "
-                      "another GPU: --target-file FILE.toml[/dim]")
+                      "another GPU: --target-file FILE.toml, or measure it: specontext targets --probe[/dim]")
+
+
+def _probe_target(compare: str | None, out: Path | None) -> None:
+    """targets --probe: measure, write (or print) the TOML, show the figures beside a built-in's."""
+    from specontext_compiler import targets_probe
+    targets_probe.check_output(out)
+    if compare is not None:
+        from specontext_compiler.cost_models.target import load_target
+        load_target(compare)        # an unknown name fails before a minute of measuring
+    err = Console(stderr=True, highlight=False)
+    device, figures = targets_probe.probe(lambda line: err.print(f"[dim]probing {line} ...[/dim]"))
+    text = targets_probe.target_toml(targets_probe.target_name(device), device, figures)
+    if out is None:
+        typer.echo(text)
+    else:
+        out.write_text(text)
+        err.print(f"wrote {out}; use it: specontext compile MODEL --target-file {out}")
+    typer.echo(targets_probe.comparison_table(figures, compare))
 
 
 # -- run, eval ----------------------------------------------------------------------------------
