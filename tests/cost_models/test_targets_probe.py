@@ -77,3 +77,20 @@ def test_probe_measures_this_gpu(tmp_path):
     target = load_target_file(path)
     assert target.hbm_gbps > target.h2d_gbps > 1 and target.pinned_gather_gbps > 1
     assert target.compute_slowdown_beside_gather >= 1
+
+
+def test_the_probed_gather_copies_the_rows_it_counts(monkeypatch):
+    # the probe's gather set-up at a small shape on the CPU (Triton interpreter): the runtime's
+    # kernel moves exactly the rows the probe divides its bytes by
+    from specontext_compiler.runtime.kernels import elastic_load
+    monkeypatch.setattr(targets_probe, "GATHER_SHAPE",
+                        {"batch": 2, "heads": 2, "seq": 300, "dim": 128, "width": 40, "overlap": 0.75})
+    gather = targets_probe._Gather(torch.device("cpu"))
+    gather.host_k.normal_(), gather.host_v.normal_()
+    assert gather.count == int(gather.loads.count) == 2 * 2 * 10
+    assert gather.bytes == gather.count * 2 * 128 * 2
+    want_k, want_v = gather.buf_k.clone(), gather.buf_v.clone()
+    elastic_load.gather_compact_reference(gather.host_k, gather.host_v, want_k, want_v, gather.loads, 2)
+    gather()
+    assert torch.equal(gather.buf_k, want_k) and torch.equal(gather.buf_v, want_v)
+    assert int((gather.buf_k != 0).any(dim=-1).sum()) == gather.count
