@@ -15,6 +15,7 @@ Runs on the CPU in seconds; needs no GPU and no PuLP.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, replace
 
 from specontext_compiler.cost_models.contention_fit import fit
@@ -22,6 +23,7 @@ from specontext_compiler.cost_models.latency import step_time
 from specontext_compiler.cost_models.plan_prediction import predicted_step
 from specontext_compiler.cost_models.target import load_target, override_target
 from specontext_compiler.cost_models.workload import Workload
+from specontext_compiler.errors import SpecontextError
 
 
 def _pairs(text: str) -> list[tuple[float, float]]:
@@ -70,8 +72,12 @@ def main() -> None:
     if args.set:
         target = override_target(target, dict(item.split("=", 1) for item in args.set))
     predict, breakdown = _predictor(args, target)
-    result = fit(predict, target, _pairs(args.measured), args.fit.split(","),
-                 [float(x) for x in args.fit_on.split(",")])
+    try:
+        result = fit(predict, target, _pairs(args.measured), args.fit.split(","),
+                     [float(x) for x in args.fit_on.split(",")])
+    except SpecontextError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print("| overlap | measured ms | model before ms | fitted model ms | error | role | critical path (fitted) |")
     print("|---|---|---|---|---|---|---|")
     for row in result.rows:
