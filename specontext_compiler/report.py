@@ -369,6 +369,7 @@ def plan_summary_json(plan: Plan) -> dict[str, Any]:
         "target": plan.target.get("name"),
         "max_len": plan.workload.get("max_len"),
         "batch": plan.workload.get("batch"),
+        "selection_overlap": selection_overlap(plan),
         "num_layers": _num_layers(plan),
         "num_segments": len(plan.segments),
         "gpu_layers_at_max_len": len(last.gpu_layers) if last else None,
