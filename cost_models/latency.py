@@ -187,11 +187,12 @@ class TimelineEvent:
 
 
 def step_ops(spec: ModelSpec, workload: Workload, target: Target, seq_len: float, offloaded_layers=(),
-             issue_before: dict | None = None) -> tuple[list[step_dag.Op], list[tuple[str, str]]]:
+             issue_before: dict | None = None, copy_streams: int = 1) -> tuple[list[step_dag.Op], list[tuple[str, str]]]:
     """The step's operations in issue order and its cross-stream events (step_dag.build_dag).
 
     issue_before[j] = k: layer j's gather is issued when the compute stream reaches layer k
-    (k <= j; default 0, right after the top-k).
+    (k <= j; default 0, right after the top-k). copy_streams > 1 deals the gathers round-robin
+    over that many copy streams (they then share the host link), each waiting for the diff.
     """
     c = step_components(spec, workload, target, seq_len)
     offloaded = sorted(set(offloaded_layers))
@@ -201,11 +202,13 @@ def step_ops(spec: ModelSpec, workload: Workload, target: Target, seq_len: float
     if offloaded:
         ops.append(step_dag.Op("diff", "copy", c.diff_ms, role="other"))
         events.append(("top-k", "diff"))
-    for layer in offloaded:
+    for k, layer in enumerate(offloaded):
         issue_at = (issue_before or {}).get(layer, 0)
         assert issue_at <= layer, "a prefetch cannot be issued after its layer"
-        ops.append(step_dag.Op(f"gather L{layer}", "copy", c.gather_alone_ms, role="gather"))
+        stream = "copy" if k % copy_streams == 0 else f"copy {k % copy_streams + 1}"
+        ops.append(step_dag.Op(f"gather L{layer}", stream, c.gather_alone_ms, role="gather"))
         events.append(("top-k" if issue_at == 0 else f"layer {issue_at - 1}", f"gather L{layer}"))
+        events.append(("diff", f"gather L{layer}"))     # every load copies the diff's list
         events.append((f"gather L{layer}", f"layer {layer}"))
     for layer in range(spec.num_layers):
         extra = c.offload_hbm_ms if layer in offloaded else 0.0
@@ -221,9 +224,9 @@ def contention(target: Target) -> step_dag.Contention:
 
 
 def step_schedule(spec: ModelSpec, workload: Workload, target: Target, seq_len: float,
-                  offloaded_layers=(), issue_before: dict | None = None) -> step_dag.StepSchedule:
+                  offloaded_layers=(), issue_before: dict | None = None, copy_streams: int = 1) -> step_dag.StepSchedule:
     """The simulated step (every operation's span and the critical path)."""
-    ops, events = step_ops(spec, workload, target, seq_len, offloaded_layers, issue_before)
+    ops, events = step_ops(spec, workload, target, seq_len, offloaded_layers, issue_before, copy_streams)
     return step_dag.schedule(ops, events, contention(target))
 
 
@@ -250,19 +253,20 @@ def describe_path(path: list[str]) -> str:
 
 
 def step_time(spec: ModelSpec, workload: Workload, target: Target, seq_len: float,
-              offloaded_layers=(), issue_before: dict | None = None) -> StepBreakdown:
+              offloaded_layers=(), issue_before: dict | None = None, copy_streams: int = 1) -> StepBreakdown:
     """Time of one decode step for workload.batch requests at length seq_len (tokens).
 
     offloaded_layers: indices of the layers whose KV lives in pinned host memory;
-    issue_before: {layer: layer its prefetch is issued before}, default all right after the top-k.
+    issue_before: {layer: layer its prefetch is issued before}, default all right after the top-k;
+    copy_streams: streams the gathers are dealt over (the runtime uses one).
     """
     offloaded = set(offloaded_layers)
     c = step_components(spec, workload, target, seq_len)
-    sched = step_schedule(spec, workload, target, seq_len, offloaded, issue_before)
+    sched = step_schedule(spec, workload, target, seq_len, offloaded, issue_before, copy_streams)
     head = sched.span("top-k").end_ms
     compute = sched.busy_ms("compute") - head
     return StepBreakdown(
-        compute_ms=compute, transfer_ms=sched.busy_ms("copy"),
+        compute_ms=compute, transfer_ms=sum(sched.busy_ms(s) for s in {op.stream for op in sched.ops} - {"compute"}),
         stall_ms=sum(e.end_ms - e.start_ms for e in _stalls(sched)),
         retrieval_ms=head, step_ms=sched.step_ms, tokens_per_s=workload.batch * 1e3 / sched.step_ms,
         h2d_bytes_per_step=len(offloaded) * c.layer_h2d_bytes,

@@ -89,12 +89,15 @@ def build_dag(ops: list[Op], events: list[tuple[str, str]]) -> nx.DiGraph:
 
 
 def _rate(op: Op, running: list[Op], contention: Contention) -> float:
-    """Progress per ms of op (1 alone) given the other operations running now."""
-    roles = {other.role for other in running if other is not op}
+    """Progress per ms of op (1 alone) given the other operations running now.
+
+    Gathers on several copy streams share one host link: each gets an equal part of it."""
+    roles = [other.role for other in running if other is not op]
     if op.role == "compute" and "gather" in roles:
         return 1.0 / contention.compute_slowdown
-    if op.role == "gather" and "compute" in roles:
-        return 1.0 / contention.gather_slowdown
+    if op.role == "gather":
+        share = 1.0 / (1 + roles.count("gather"))
+        return share / contention.gather_slowdown if "compute" in roles else share
     return 1.0
 
 

@@ -106,3 +106,16 @@ def test_fit_refuses_a_point_it_cannot_reach(llama, h200_contended):
         fit(_predictor(llama), h200_contended, [(0.8, 1.0)], ["gather_rate"], [0.8])   # below the compute floor
     with pytest.raises(SpecontextError, match="as many measured overlaps"):
         fit(_predictor(llama), h200_contended, [(0.8, 19.0)], ["gather_rate"], [0.9])
+
+
+def test_gathers_on_two_copy_streams_share_the_link(llama, h200_contended):
+    one = latency.step_schedule(llama, replace(WORK, selection_overlap=0.5), h200_contended, 130560, OFFLOADED)
+    two = latency.step_schedule(llama, replace(WORK, selection_overlap=0.5), h200_contended, 130560, OFFLOADED,
+                                copy_streams=2)
+    assert {op.stream for op in two.ops} == {"compute", "copy", "copy 2"}
+    # L20 and L21 start together and move at half the rate each: both end when one stream would
+    # have finished both, so the link's total rate, not the stream count, sets the copy chain
+    l20, l21 = two.span("gather L20"), two.span("gather L21")
+    assert l20.start_ms == pytest.approx(l21.start_ms)
+    assert l21.end_ms == pytest.approx(one.span("gather L21").end_ms, rel=1e-6)
+    assert two.step_ms == pytest.approx(one.step_ms, rel=0.05)
