@@ -11,7 +11,9 @@ comment beside it) names the measurement, the date and the device:
   grid) copying one step's rows at the runtime's row size (one KV head of one token: D = 128 bf16,
   256 bytes each for K and V) from pinned host memory, alone and beside a decode-like loop (a
   batch-11 bf16 GEMV over a 224 MiB weight, HBM-bound like a decode layer) on another stream,
-  and that loop's slowdown beside the gather: the step DAG's contention figures;
+  and that loop's slowdown beside the gather: the step DAG's contention figures. The rows are
+  drawn from a long context's span of host memory (about half of it, as a 128k plan pins); the
+  rate from a 1 GiB span is given beside it in the source, since the two can differ;
 - decode_hbm_efficiency: the decode-like loop's read rate over the copy rate;
 - bf16 rate: 8192^3 matmuls; layer_fixed_us: a CUDA-graph replay of the ~45 small kernels a decoder
   layer runs (norms, RoPE, adds; profile_step.py) on a [11, 4096] activation; launch_overhead_us:
@@ -35,6 +37,7 @@ from specontext_compiler.errors import SpecontextError
 GATHER_SHAPE = {"batch": 8, "heads": 8, "seq": 32768, "dim": 128, "width": 2065, "overlap": 0.8}
 DECODE_BATCH, DECODE_IN, DECODE_OUT = 11, 4096, 28672       # 224 MiB bf16 weight: an 8B layer's MLP
 SMALL_KERNELS_PER_LAYER = 45
+LARGE_SPAN_SHARE = 0.3       # of host memory, for each of host K and V in the long-span gather
 
 
 @dataclass(frozen=True)
@@ -118,18 +121,23 @@ class _DecodeLoop:
 
 
 class _Gather:
-    """One step of the runtime's elastic gather for GATHER_SHAPE, from pinned host memory."""
+    """One step of the runtime's elastic gather for GATHER_SHAPE, from pinned host memory.
 
-    def __init__(self, device):
+    seq: positions per (request, head) in the host K and V (GATHER_SHAPE's by default); the
+    rows are drawn from all of them, so it sets the host span the gather reads across."""
+
+    def __init__(self, device, seq: int | None = None):
         import torch
 
         from specontext_compiler.runtime.kernels import elastic_load
-        s = GATHER_SHAPE
+        s = {**GATHER_SHAPE, "seq": seq or GATHER_SHAPE["seq"]}
         rows, per_row = s["batch"] * s["heads"], round((1 - s["overlap"]) * s["width"])
-        host = torch.empty(2, s["batch"], s["heads"], s["seq"], s["dim"], dtype=torch.bfloat16,
-                           pin_memory=device.type == "cuda")   # on the CPU only for the tests
-        host.view(-1)[: 1 << 24].normal_()      # the rest stays as allocated: the copy's speed ignores values
-        self.host_k, self.host_v = host[0], host[1]
+        # K and V apart, as runtime/kv_store.py allocates them; pinned on CUDA (the CPU is for tests)
+        self.host_k, self.host_v = (torch.empty(s["batch"], s["heads"], s["seq"], s["dim"], dtype=torch.bfloat16,
+                                                pin_memory=device.type == "cuda") for _ in "kv")
+        for host in (self.host_k, self.host_v):
+            host.view(-1)[: 1 << 24].normal_()   # the rest stays as allocated: the copy's speed ignores values
+        self.span_bytes = 2 * self.host_k.numel() * 2
         self.buf_k, self.buf_v = (torch.zeros(s["batch"], s["heads"], s["width"], s["dim"], device=device,
                                               dtype=torch.bfloat16) for _ in "kv")
         pos = torch.full((rows, s["width"]), -1, dtype=torch.int32, device=device)
@@ -161,16 +169,30 @@ def _beside(timed, other, other_ms: float, repeats: int = 10) -> float:
     return ms
 
 
-def probe_contention(device, hbm_gbps: float) -> list[Figure]:
-    """The runtime's gather alone and beside decode-like compute; that compute's slowdown."""
-    gather, decode = _Gather(device), _DecodeLoop(device)
+def large_span_seq(host_bytes: int) -> int:
+    """Positions that make host K and V each the largest power of two <= 0.3 of host memory (32 GiB
+    each on a 128 GiB host; together under the planner's pinnable 0.65): a long context's span.
+    Powers of two, since PyTorch's pinned-memory cache may round an allocation up to one."""
+    s = GATHER_SHAPE
+    per_tensor = 1 << max(0, int(host_bytes * LARGE_SPAN_SHARE).bit_length() - 1)
+    return max(s["seq"], per_tensor // (s["batch"] * s["heads"] * s["dim"] * 2))
+
+
+def probe_contention(device, hbm_gbps: float, host_bytes: int) -> list[Figure]:
+    """The runtime's gather alone (small and long-context host spans), beside decode-like compute
+    (long span), and that compute's slowdown beside it."""
+    small = _Gather(device)
+    small_gbps = small.bytes / _time_ms(small) / 1e6
+    del small
+    gather, decode = _Gather(device, seq=large_span_seq(host_bytes)), _DecodeLoop(device)
     gather_ms, decode_ms = _time_ms(gather), _time_ms(decode)
     gather_beside_ms = _beside(gather, decode, decode_ms)
     decode_beside_ms = _beside(decode, gather, gather_ms)
     s = GATHER_SHAPE
     what = (f"the runtime's elastic gather (elastic_load.gather_compact, default grid), {s['dim']}-wide bf16 "
             f"K and V rows (256 B each), batch {s['batch']} x {s['heads']} KV heads x "
-            f"{round((1 - s['overlap']) * s['width'])} rows from pinned host memory")
+            f"{round((1 - s['overlap']) * s['width'])} rows drawn from {gather.span_bytes / 2**30:.0f} GiB of "
+            f"pinned host K and V ({small_gbps:.1f} GB/s alone from {2 * s['seq'] * s['batch'] * s['heads'] * s['dim'] * 2 / 2**30:.0f} GiB)")
     loop = f"a decode-like loop (batch-{DECODE_BATCH} bf16 GEMV over a {decode.bytes >> 20} MiB weight)"
     decode_rate = decode.bytes / decode_ms / 1e6
     return [Figure("pinned_gather_gbps", round(gather.bytes / gather_ms / 1e6, 2), f"{what}, alone"),
@@ -218,9 +240,10 @@ def probe(progress=lambda line: None) -> tuple[str, list[Figure]]:
     figures += probe_copies(device)
     progress("bf16 matmul")
     figures.append(probe_bf16(device))
-    progress("the runtime's gather, alone and beside decode-like compute")
+    progress("the runtime's gather, alone and beside decode-like compute (pins ~half the host memory)")
     hbm = next(f.value for f in figures if f.key == "hbm_gbps")
-    figures += probe_contention(device, hbm)
+    host = next(f.value for f in figures if f.key == "host_memory_bytes")
+    figures += probe_contention(device, hbm, host)
     progress("small kernels and graph launches")
     figures += probe_small_kernels(device)
     return torch.cuda.get_device_name(device), figures

@@ -87,6 +87,7 @@ def test_the_probed_gather_copies_the_rows_it_counts(monkeypatch):
                         {"batch": 2, "heads": 2, "seq": 300, "dim": 128, "width": 40, "overlap": 0.75})
     gather = targets_probe._Gather(torch.device("cpu"))
     gather.host_k.normal_(), gather.host_v.normal_()
+    assert gather.span_bytes == 2 * 2 * 2 * 300 * 128 * 2
     assert gather.count == int(gather.loads.count) == 2 * 2 * 10
     assert gather.bytes == gather.count * 2 * 128 * 2
     want_k, want_v = gather.buf_k.clone(), gather.buf_v.clone()
@@ -94,3 +95,12 @@ def test_the_probed_gather_copies_the_rows_it_counts(monkeypatch):
     gather()
     assert torch.equal(gather.buf_k, want_k) and torch.equal(gather.buf_v, want_v)
     assert int((gather.buf_k != 0).any(dim=-1).sum()) == gather.count
+
+
+def test_long_span_is_a_power_of_two_per_tensor_under_the_pinnable_share():
+    seq = targets_probe.large_span_seq(128 * 2 ** 30)
+    s = targets_probe.GATHER_SHAPE
+    per_tensor = seq * s["batch"] * s["heads"] * s["dim"] * 2
+    assert per_tensor == 32 * 2 ** 30                   # K and V: 64 GiB of a 128 GiB host
+    assert targets_probe.large_span_seq(125 * 2 ** 30) == seq     # MemTotal a little under 128 GiB
+    assert targets_probe.large_span_seq(2 ** 30) == s["seq"]     # a small host: never below the small span
