@@ -2,9 +2,9 @@
 
 The step DAG (step_dag.py) prices a step from the target's figures; the ones the datasheet and a
 quiet probe cannot give are how fast the runtime's gather really runs and how much it slows the
-compute beside it. Given measured (selection overlap, step ms) points of one plan, this fits one
-figure per fitted point, so the points left out test the model: the usual use fits on overlap 0.8
-and holds out 0.9 and 0.95 (benchmarks/fit_step_dag.py).
+compute beside it. Given measured steps (a plan at an overlap and a length, its step ms), this
+fits one figure per fitted point, so the points left out test the model: the usual use fits on
+the 128k plan at overlap 0.8 and holds out 0.9, 0.95 and the 32k plan (benchmarks/fit_step_dag.py).
 
 Figures: "gather_rate" scales the gather's rates alone and beside compute together (keeping the
 target's measured ratio); "compute_slowdown" is compute_slowdown_beside_gather; any other name is
@@ -20,7 +20,6 @@ from typing import Callable
 from specontext_compiler.cost_models.target import Target
 from specontext_compiler.errors import SpecontextError
 
-Predict = Callable[[Target, float], float]   # (target, selection overlap) -> predicted step ms
 
 # search range of each figure (log-spaced): a scale factor, a slowdown, or GB/s for raw rates
 RANGES = {"gather_rate": (0.02, 20.0), "compute_slowdown": (1.0, 10.0)}
@@ -29,10 +28,19 @@ _OUTER_GRID = 24
 
 
 @dataclass(frozen=True)
+class Point:
+    """One measured step: a label ('0.8', '32768 @ 0.8'), its step ms, the model's step for a target."""
+
+    label: str
+    measured_ms: float
+    predict: Callable[[Target], float]
+
+
+@dataclass(frozen=True)
 class FitResult:
     target: Target
     values: dict[str, float]                      # figure -> fitted value
-    rows: list[dict]                              # per point: overlap, measured, before, after, role
+    rows: list[dict]                              # per point: label, measured, before, after, role
 
 
 def with_figure(target: Target, figure: str, value: float) -> Target:
@@ -65,26 +73,25 @@ def _bisect(error: Callable[[float], float], low: float, high: float, steps: int
     return math.sqrt(low * high)
 
 
-def _fit_one(predict: Predict, target: Target, figure: str, point: tuple[float, float]) -> float:
-    overlap, measured = point
+def _fit_one(target: Target, figure: str, point: Point) -> float:
     low, high = RANGES.get(figure, DEFAULT_RANGE)
-    value = _bisect(lambda v: predict(with_figure(target, figure, v), overlap) - measured, low, high)
+    value = _bisect(lambda v: point.predict(with_figure(target, figure, v)) - point.measured_ms, low, high)
     if value is None:
-        reach = sorted(predict(with_figure(target, figure, v), overlap) for v in (low, high))
-        raise SpecontextError(f"{figure} cannot make the step at overlap {overlap} {measured} ms: the model "
+        reach = sorted(point.predict(with_figure(target, figure, v)) for v in (low, high))
+        raise SpecontextError(f"{figure} cannot make the step {point.label} {point.measured_ms} ms: the model "
                               f"reaches {reach[0]:.2f}-{reach[1]:.2f} ms over {low}-{high}; fit another figure")
     return value
 
 
-def _fit_two(predict: Predict, target: Target, figures: list[str], points: list[tuple[float, float]]) -> dict:
+def _fit_two(target: Target, figures: list[str], points: list[Point]) -> dict:
     """Outer figure over a log grid (then bisected where the second point's error changes sign)."""
     inner, outer = figures
     low, high = RANGES.get(outer, DEFAULT_RANGE)
 
     def error(v: float) -> float:
         t = with_figure(target, outer, v)
-        t = with_figure(t, inner, _fit_one(predict, t, inner, points[0]))
-        return predict(t, points[1][0]) - points[1][1]
+        t = with_figure(t, inner, _fit_one(t, inner, points[0]))
+        return points[1].predict(t) - points[1].measured_ms
 
     grid = [low * (high / low) ** (k / _OUTER_GRID) for k in range(_OUTER_GRID + 1)]
     errors = []
@@ -94,33 +101,39 @@ def _fit_two(predict: Predict, target: Target, figures: list[str], points: list[
         except SpecontextError:
             continue
     if not errors:
-        raise SpecontextError(f"no {outer} in {low}-{high} lets {inner} fit overlap {points[0][0]}")
+        raise SpecontextError(f"no {outer} in {low}-{high} lets {inner} fit the step {points[0].label}")
     for (a, ea), (b, eb) in zip(errors, errors[1:]):
         if (ea > 0) != (eb > 0):
             best = _bisect(error, a, b, steps=30)
             break
     else:
-        best = min(errors, key=lambda ve: abs(ve[1]))[0]
+        best, miss = min(errors, key=lambda ve: abs(ve[1]))
+        raise SpecontextError(f"{inner} and {outer} cannot make both {points[0].label} and {points[1].label}: "
+                              f"the closest ({outer} {best:.3g}) misses {points[1].label} by {miss:+.2f} ms; "
+                              "the model lacks what differs between them")
     t = with_figure(target, outer, best)
-    return {outer: best, inner: _fit_one(predict, t, inner, points[0])}
+    return {outer: best, inner: _fit_one(t, inner, points[0])}
 
 
-def fit(predict: Predict, target: Target, measured: list[tuple[float, float]], figures: list[str],
-        fit_on: list[float]) -> FitResult:
-    """Fit figures (one per point of fit_on) to the measured (overlap, ms); predict every point."""
-    by_overlap = dict(measured)
-    missing = [o for o in fit_on if o not in by_overlap]
-    if missing or len(fit_on) != len(figures) or len(figures) not in (1, 2):
-        raise SpecontextError(f"fit {len(figures)} figure(s) {figures} on as many measured overlaps; got "
-                              f"--fit-on {fit_on} (measured: {sorted(by_overlap)}); one or two figures")
-    points = [(o, by_overlap[o]) for o in fit_on]
+def overlap_points(predict: Callable[[Target, float], float], measured: list[tuple[float, float]]) -> list[Point]:
+    """Points of one step measured at several overlaps, labelled by the overlap ('0.8')."""
+    return [Point(f"{o:g}", ms, lambda t, o=o: predict(t, o)) for o, ms in sorted(measured)]
+
+
+def fit(target: Target, points: list[Point], figures: list[str], fit_on: list[str]) -> FitResult:
+    """Fit figures (one per label in fit_on) to those points' measured steps; predict every point."""
+    by_label = {p.label: p for p in points}
+    if any(label not in by_label for label in fit_on) or len(fit_on) != len(figures) or len(figures) not in (1, 2):
+        raise SpecontextError(f"fit {len(figures)} figure(s) {figures} on as many measured points; got "
+                              f"--fit-on {fit_on} (measured: {list(by_label)}); one or two figures")
+    chosen = [by_label[label] for label in fit_on]
     if len(figures) == 1:
-        values = {figures[0]: _fit_one(predict, target, figures[0], points[0])}
+        values = {figures[0]: _fit_one(target, figures[0], chosen[0])}
     else:
-        values = _fit_two(predict, target, figures, points)
+        values = _fit_two(target, figures, chosen)
     fitted = target
     for figure, value in values.items():
         fitted = with_figure(fitted, figure, value)
-    rows = [{"overlap": o, "measured_ms": ms, "before_ms": predict(target, o), "after_ms": predict(fitted, o),
-             "role": "fit" if o in fit_on else "held out"} for o, ms in sorted(measured)]
+    rows = [{"point": p.label, "measured_ms": p.measured_ms, "before_ms": p.predict(target),
+             "after_ms": p.predict(fitted), "role": "fit" if p.label in fit_on else "held out"} for p in points]
     return FitResult(fitted, values, rows)

@@ -22,5 +22,5 @@ def test_script_fits_one_overlap_and_holds_out_the_other():
 def test_script_names_a_bad_fit_request():
     done = subprocess.run([sys.executable, str(SCRIPT), "--measured", "0.8:19.07", "--fit-on", "0.9"],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "as many measured overlaps" in done.stderr
+    assert done.returncode == 2 and "as many measured points" in done.stderr
     assert "Traceback" not in done.stderr

@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 
 from specontext_compiler.cost_models import latency, step_dag
-from specontext_compiler.cost_models.contention_fit import fit
+from specontext_compiler.cost_models.contention_fit import fit, overlap_points
 from specontext_compiler.cost_models.step_dag import Contention, Op
 from specontext_compiler.cost_models.target import load_target, override_target
 from specontext_compiler.cost_models.workload import Workload
@@ -90,11 +90,11 @@ def _predictor(llama):
 def test_fit_on_one_point_reproduces_it_and_predicts_the_others(llama, h200_contended):
     predict = _predictor(llama)
     measured = [(0.8, 19.07), (0.9, 14.16), (0.95, 11.47)]      # issue 15, 128k, batch 11, older kernels
-    result = fit(predict, h200_contended, measured, ["gather_rate"], [0.8])
-    rows = {r["overlap"]: r for r in result.rows}
-    assert rows[0.8]["after_ms"] == pytest.approx(19.07, rel=1e-4) and rows[0.8]["role"] == "fit"
-    assert rows[0.9]["role"] == rows[0.95]["role"] == "held out"
-    assert rows[0.9]["after_ms"] > rows[0.95]["after_ms"]
+    result = fit(h200_contended, overlap_points(predict, measured), ["gather_rate"], ["0.8"])
+    rows = {r["point"]: r for r in result.rows}
+    assert rows["0.8"]["after_ms"] == pytest.approx(19.07, rel=1e-4) and rows["0.8"]["role"] == "fit"
+    assert rows["0.9"]["role"] == rows["0.95"]["role"] == "held out"
+    assert rows["0.9"]["after_ms"] > rows["0.95"]["after_ms"]
     assert 0 < result.values["gather_rate"] < 1     # the runtime's gather was slower than the probe's
     ratio = result.target.pinned_gather_gbps / result.target.gather_gbps_overlapped
     assert ratio == pytest.approx(33 / 21.5)        # the measured alone/beside ratio is kept
@@ -103,9 +103,12 @@ def test_fit_on_one_point_reproduces_it_and_predicts_the_others(llama, h200_cont
 def test_fit_refuses_a_point_it_cannot_reach(llama, h200_contended):
     from specontext_compiler.errors import SpecontextError
     with pytest.raises(SpecontextError, match="cannot make the step"):
-        fit(_predictor(llama), h200_contended, [(0.8, 1.0)], ["gather_rate"], [0.8])   # below the compute floor
-    with pytest.raises(SpecontextError, match="as many measured overlaps"):
-        fit(_predictor(llama), h200_contended, [(0.8, 19.0)], ["gather_rate"], [0.9])
+        fit(h200_contended, overlap_points(_predictor(llama), [(0.8, 1.0)]), ["gather_rate"], ["0.8"])  # < compute
+    with pytest.raises(SpecontextError, match="cannot make both 0.8 and 0.95"):   # more overlap, slower: no fit
+        fit(h200_contended, overlap_points(_predictor(llama), [(0.8, 19.0), (0.95, 25.0)]),
+            ["gather_rate", "compute_slowdown"], ["0.8", "0.95"])
+    with pytest.raises(SpecontextError, match="as many measured points"):
+        fit(h200_contended, overlap_points(_predictor(llama), [(0.8, 19.0)]), ["gather_rate"], ["0.9"])
 
 
 def test_gathers_on_two_copy_streams_share_the_link(llama, h200_contended):
