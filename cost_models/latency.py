@@ -187,7 +187,8 @@ class TimelineEvent:
 
 
 def step_ops(spec: ModelSpec, workload: Workload, target: Target, seq_len: float, offloaded_layers=(),
-             issue_before: dict | None = None, copy_streams: int = 1) -> tuple[list[step_dag.Op], list[tuple[str, str]]]:
+             issue_before: dict | None = None,
+             copy_streams: int = 1) -> tuple[list[step_dag.Op], list[tuple[str, str]]]:
     """The step's operations in issue order and its cross-stream events (step_dag.build_dag).
 
     issue_before[j] = k: layer j's gather is issued when the compute stream reaches layer k
@@ -223,8 +224,8 @@ def contention(target: Target) -> step_dag.Contention:
                                gather_slowdown=target.pinned_gather_gbps / target.gather_gbps_overlapped)
 
 
-def step_schedule(spec: ModelSpec, workload: Workload, target: Target, seq_len: float,
-                  offloaded_layers=(), issue_before: dict | None = None, copy_streams: int = 1) -> step_dag.StepSchedule:
+def step_schedule(spec: ModelSpec, workload: Workload, target: Target, seq_len: float, offloaded_layers=(),
+                  issue_before: dict | None = None, copy_streams: int = 1) -> step_dag.StepSchedule:
     """The simulated step (every operation's span and the critical path)."""
     ops, events = step_ops(spec, workload, target, seq_len, offloaded_layers, issue_before, copy_streams)
     return step_dag.schedule(ops, events, contention(target))
@@ -264,9 +265,10 @@ def step_time(spec: ModelSpec, workload: Workload, target: Target, seq_len: floa
     c = step_components(spec, workload, target, seq_len)
     sched = step_schedule(spec, workload, target, seq_len, offloaded, issue_before, copy_streams)
     head = sched.span("top-k").end_ms
-    compute = sched.busy_ms("compute") - head
+    copy_streams_used = {op.stream for op in sched.ops} - {"compute"}
     return StepBreakdown(
-        compute_ms=compute, transfer_ms=sum(sched.busy_ms(s) for s in {op.stream for op in sched.ops} - {"compute"}),
+        compute_ms=sched.busy_ms("compute") - head,
+        transfer_ms=sum(sched.busy_ms(stream) for stream in copy_streams_used),
         stall_ms=sum(e.end_ms - e.start_ms for e in _stalls(sched)),
         retrieval_ms=head, step_ms=sched.step_ms, tokens_per_s=workload.batch * 1e3 / sched.step_ms,
         h2d_bytes_per_step=len(offloaded) * c.layer_h2d_bytes,

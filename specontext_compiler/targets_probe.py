@@ -182,7 +182,7 @@ def probe_contention(device, hbm_gbps: float, host_bytes: int) -> list[Figure]:
     """The runtime's gather alone (small and long-context host spans), beside decode-like compute
     (long span), and that compute's slowdown beside it."""
     small = _Gather(device)
-    small_gbps = small.bytes / _time_ms(small) / 1e6
+    small_gbps, small_span = small.bytes / _time_ms(small) / 1e6, small.span_bytes
     del small
     gather, decode = _Gather(device, seq=large_span_seq(host_bytes)), _DecodeLoop(device)
     gather_ms, decode_ms = _time_ms(gather), _time_ms(decode)
@@ -192,7 +192,7 @@ def probe_contention(device, hbm_gbps: float, host_bytes: int) -> list[Figure]:
     what = (f"the runtime's elastic gather (elastic_load.gather_compact, default grid), {s['dim']}-wide bf16 "
             f"K and V rows (256 B each), batch {s['batch']} x {s['heads']} KV heads x "
             f"{round((1 - s['overlap']) * s['width'])} rows drawn from {gather.span_bytes / 2**30:.0f} GiB of "
-            f"pinned host K and V ({small_gbps:.1f} GB/s alone from {2 * s['seq'] * s['batch'] * s['heads'] * s['dim'] * 2 / 2**30:.0f} GiB)")
+            f"pinned host K and V ({small_gbps:.1f} GB/s alone from {small_span / 2**30:.0f} GiB)")
     loop = f"a decode-like loop (batch-{DECODE_BATCH} bf16 GEMV over a {decode.bytes >> 20} MiB weight)"
     decode_rate = decode.bytes / decode_ms / 1e6
     return [Figure("pinned_gather_gbps", round(gather.bytes / gather_ms / 1e6, 2), f"{what}, alone"),

@@ -138,7 +138,8 @@ def test_contention_figures_are_optional_and_checked(tmp_path):
     assert plain.write_through_gbps == plain.h2d_gbps
     given = load_target_file(_write(tmp_path, GOOD + "gather_gbps_beside_compute = 9.5\n"
                                     "compute_slowdown_beside_gather = 1.4\nd2h_gbps = 18\n"))
-    assert (given.gather_gbps_overlapped, given.compute_slowdown_beside_gather, given.write_through_gbps) == (9.5, 1.4, 18)
+    figures = (given.gather_gbps_overlapped, given.compute_slowdown_beside_gather, given.write_through_gbps)
+    assert figures == (9.5, 1.4, 18)
     with pytest.raises(TargetError, match=r"compute_slowdown_beside_gather must be >= 1"):
         load_target_file(_write(tmp_path, GOOD + "compute_slowdown_beside_gather = 0.5\n"))
     with pytest.raises(TargetError, match="gather_gbps_beside_compute must be positive"):
