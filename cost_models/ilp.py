@@ -12,6 +12,12 @@ L_GPU (Eq. 8). We instead minimise the predicted decode time of a whole request 
               overlap: layer j's attention starts after its transfer on the one FIFO copy stream.
   objective   sum over segments of (tokens in segment) x (step time at its mid length), seconds.
 
+The constraints hold a linear form of the step (latency.step_components: the copy priced at its
+rate beside compute, the compute slowdown charged to each offloaded layer). The predictions the
+Solution reports, and the batch search's tokens/s, are the step DAG's critical path at the
+chosen residency (latency.step_time, step_dag.py), which simulates the contention exactly; with
+no contention figures in the target the two agree.
+
 Prefetch schedule, an argued simplification: indices exist once the retrieval head has run, each
 offloaded layer owns its budget buffer, and the copy stream is FIFO in layer order, so issuing a
 prefetch earlier never delays anything in this model. Every prefetch is therefore issued right
@@ -103,14 +109,14 @@ def _add_order(problem, on_gpu, symmetry_breaking: bool) -> None:
 
 def _add_overlap(problem, comps, on_gpu_row, stall_row, s: int) -> None:
     """Layer j's attention (at r + j·c + h·(offloaded layers < j) + stalls so far) waits for the
-    FIFO copy stream's end r + tr·(offloaded layers <= j); big-M = tr·(j+1) releases it when
-    layer j is resident."""
-    c, tr, h = comps.layer_ms, comps.transfer_ms, comps.offload_ms
+    FIFO copy stream's end r + d + tr·(offloaded layers <= j), d the elastic diff; big-M =
+    d + tr·(j+1) releases it when layer j is resident."""
+    c, tr, h, d = comps.layer_ms, comps.transfer_ms, comps.offload_ms, comps.diff_ms
     for j in range(len(on_gpu_row)):
         contention = h * j - h * lp.lp_sum(on_gpu_row[:j])
         started = j * c + contention + lp.lp_sum(stall_row[: j + 1])
-        copied = tr * (j + 1) - tr * lp.lp_sum(on_gpu_row[: j + 1])
-        problem.constrain(started - copied + tr * (j + 1) * on_gpu_row[j] >= 0, f"overlap_s{s}_L{j}")
+        copied = d + tr * (j + 1) - tr * lp.lp_sum(on_gpu_row[: j + 1])
+        problem.constrain(started - copied + (d + tr * (j + 1)) * on_gpu_row[j] >= 0, f"overlap_s{s}_L{j}")
 
 
 def _predict_segment(spec, workload, target, bounds, offloaded) -> dict:
@@ -119,7 +125,8 @@ def _predict_segment(spec, workload, target, bounds, offloaded) -> dict:
     num_gpu = spec.num_layers - len(offloaded)
     predicted = {k: getattr(step, k) for k in ("step_ms", "tokens_per_s", "h2d_bytes_per_step",
                                                "hbm_bytes_per_step", "compute_ms", "transfer_ms",
-                                               "stall_ms", "retrieval_ms")}
+                                               "stall_ms", "retrieval_ms", "selection_overlap",
+                                               "critical_path")}
     predicted["gpu_bytes"] = float(memory.gpu_bytes(spec, workload, num_gpu, bounds[1]))
     predicted["host_bytes"] = float(memory.host_bytes(spec, workload, len(offloaded), workload.max_len))
     return predicted

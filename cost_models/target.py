@@ -34,6 +34,13 @@ class Target:
     # Time of the small kernels every decoder layer runs whatever its bytes (norms, RoPE, residual
     # adds, index math: ~45 a layer, a few microseconds each), per layer, in microseconds.
     layer_fixed_us: float = 0.0
+    # Copy/compute contention (step_dag.py): while a gather runs, the compute stream's kernels take
+    # compute_slowdown_beside_gather times longer (they share HBM and SMs with it), and the gather
+    # itself runs at gather_gbps_beside_compute instead of pinned_gather_gbps. Absent: the gather
+    # beside compute is pinned_gather_gbps x overlapped_copy_efficiency and compute is not slowed.
+    gather_gbps_beside_compute: float | None = None
+    compute_slowdown_beside_gather: float = 1.0
+    d2h_gbps: float | None = None   # pinned device -> host copy (the new token's write-through); absent: h2d_gbps
     unified_memory: bool = False  # host and GPU share one pool (Jetson): offloading frees nothing
     # field name -> where the figure comes from (datasheet or measured); not part of equality
     sources: dict = field(default_factory=dict, compare=False)
@@ -43,9 +50,23 @@ class Target:
         return (f"{self.name}: {self.gpu_memory_bytes / 1e9:.1f} GB, {self.hbm_gbps:.0f} GB/s HBM, "
                 f"{self.pinned_gather_gbps:.1f} GB/s pinned gather, {self.bf16_tflops:.0f} TFLOP/s bf16")
 
+    @property
+    def gather_gbps_overlapped(self) -> float:
+        """The gather's rate while the compute stream runs beside it."""
+        if self.gather_gbps_beside_compute is not None:
+            return self.gather_gbps_beside_compute
+        return self.pinned_gather_gbps * self.overlapped_copy_efficiency
+
+    @property
+    def write_through_gbps(self) -> float:
+        """Rate of the new token's device -> host write-through."""
+        return self.d2h_gbps if self.d2h_gbps is not None else self.h2d_gbps
+
 
 _FRACTIONS = ("decode_hbm_efficiency", "overlapped_copy_efficiency")
-_OPTIONAL = ("unified_memory", "sources", "layer_fixed_us", *_FRACTIONS)
+_OPTIONAL_RATES = ("gather_gbps_beside_compute", "d2h_gbps")
+_OPTIONAL = ("unified_memory", "sources", "layer_fixed_us", "compute_slowdown_beside_gather",
+             *_OPTIONAL_RATES, *_FRACTIONS)
 _REQUIRED = tuple(f.name for f in fields(Target) if f.name not in _OPTIONAL)
 _VALID = tuple(f.name for f in fields(Target))
 _INT_KEYS = ("gpu_memory_bytes", "host_memory_bytes")
@@ -74,6 +95,7 @@ def _target_from_dict(data: dict, where: str) -> Target:
     for key in _INT_KEYS + _FLOAT_KEYS:
         if values[key] <= 0 and key not in _MAY_BE_ZERO:
             raise TargetError(f"{where}: {key} must be positive, got {values[key]}")
+    _check_contention(values, data, where)
     if values["layer_fixed_us"] < 0:
         raise TargetError(f"{where}: layer_fixed_us must be >= 0, got {values['layer_fixed_us']}")
     for key in _FRACTIONS:
@@ -91,6 +113,23 @@ def _target_from_dict(data: dict, where: str) -> Target:
     values["unified_memory"] = bool(unified)
     values["sources"] = {str(k): str(v) for k, v in values.get("sources", {}).items()}
     return Target(**values)
+
+
+def _check_contention(values: dict, data: dict, where: str) -> None:
+    """The optional contention figures: rates positive when given, the slowdown at least 1."""
+    key = "compute_slowdown_beside_gather"
+    try:
+        for key in _OPTIONAL_RATES:
+            if values.get(key) is not None:
+                values[key] = float(values[key])
+                if values[key] <= 0:
+                    raise TargetError(f"{where}: {key} must be positive, got {values[key]}")
+        key = "compute_slowdown_beside_gather"
+        values[key] = float(values.get(key, 1.0))
+    except (TypeError, ValueError):
+        raise TargetError(f"{where}: {key} = {data[key]!r} is not a number; write e.g. {key} = 1.5")
+    if values[key] < 1:
+        raise TargetError(f"{where}: {key} must be >= 1 (1 = no slowdown), got {values[key]}")
 
 
 def load_target_file(path: str | Path) -> Target:

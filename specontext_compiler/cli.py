@@ -143,7 +143,8 @@ def _compile_summary(plan: Any, stage_s: dict[str, float]) -> Table:
             ("GPU layers", f"{len(first.gpu_layers)}/{summary['num_layers']} at start, "
                            f"{len(last.gpu_layers)}/{summary['num_layers']} at max len "
                            f"({len(plan.segments)} segments)"),
-            ("predicted", f"{tok_s:.1f} tok/s at max len (all {summary['batch']} requests)" if tok_s else "-"),
+            ("predicted", f"{tok_s:.1f} tok/s at max len (all {summary['batch']} requests, selection overlap "
+                          f"{plan.workload.get('selection_overlap')})" if tok_s else "-"),
             ("solver", f"{plan.solver.get('name')}: {plan.solver.get('status')}"),
             ("compile time", f"{sum(stage_s.values()):.1f} s: " + ", ".join(
                 f"{name} {s:.1f} s" for name, s in stage_s.items() if s >= 0.05))]
@@ -206,14 +207,18 @@ def inspect_cmd(
     plan_dir: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan directory written by `specontext compile`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan and a summary as JSON.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.png", help="Also write a PNG (memory vs sequence length, one-step timeline); needs matplotlib.")] = None,
+    selection_overlap: Annotated[Optional[float], typer.Option("--selection-overlap", metavar="F", help="Re-price the plan's predictions and timeline at this selection overlap (share of rows already selected at the previous step) instead of the one it was compiled for.")] = None,
 ) -> None:
     """Show a plan: per-layer residency, memory per segment, predicted overlap, solver and passes.
 
-    Example: specontext inspect plans/llama-a100 --plot llama-a100.png
+    Example: specontext inspect plans/llama-a100 --plot llama-a100.png --selection-overlap 0.9
     """
     from specontext_compiler import report
     from specontext_compiler.runtime.plan import load_plan
     plan = load_plan(plan_dir)
+    if selection_overlap is not None:
+        from specontext_compiler.cost_models.plan_prediction import repriced
+        plan = repriced(plan, selection_overlap)
     if plot is not None:
         from specontext_compiler.plot import write_plot
         written = write_plot(plan, plot)
@@ -251,13 +256,20 @@ def _targets_tables(targets: list[Any], with_sources: bool) -> list[Table]:
 @app.command("targets")
 @_edge
 def targets_cmd(
-    name: Annotated[Optional[str], typer.Argument(metavar="[NAME]", help="Show one target with the source of each figure.")] = None,
+    name: Annotated[Optional[str], typer.Argument(metavar="[NAME]", help="Show one target with the source of each figure (with --probe: compare with it).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the targets as JSON (bytes, GB/s, TFLOPS).")] = False,
+    probe: Annotated[bool, typer.Option("--probe", help="Measure this machine's GPU the way the runtime uses it and write a target file (needs CUDA; ~1 minute).")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE.toml", help="With --probe: the target file to write (never overwritten). Default: print it.")] = None,
 ) -> None:
     """List the built-in GPU targets: memory (GiB), bandwidths (GB/s), bf16 TFLOPS; NAME adds sources.
 
-    Example: specontext targets h100
+    Example: specontext targets h100; specontext targets h200 --probe -o my-h200.toml
     """
+    if probe:
+        _probe_target(name, out)
+        return
+    if out is not None:
+        raise SpecontextError("-o/--out writes a probed target; add --probe")
     from specontext_compiler.cost_models.target import list_targets, load_target
     targets = [load_target(name)] if name else [load_target(t) if isinstance(t, str) else t for t in list_targets()]
     if as_json:
@@ -269,7 +281,25 @@ def targets_cmd(
         console.print()
     if name is None:
         console.print("[dim]sources of the figures: specontext targets NAME; "
-                      "another GPU: --target-file FILE.toml[/dim]")
+                      "another GPU: --target-file FILE.toml, or measure it: specontext targets --probe[/dim]")
+
+
+def _probe_target(compare: str | None, out: Path | None) -> None:
+    """targets --probe: measure, write (or print) the TOML, show the figures beside a built-in's."""
+    from specontext_compiler import targets_probe
+    targets_probe.check_output(out)
+    if compare is not None:
+        from specontext_compiler.cost_models.target import load_target
+        load_target(compare)        # an unknown name fails before a minute of measuring
+    err = Console(stderr=True, highlight=False)
+    device, figures = targets_probe.probe(lambda line: err.print(f"[dim]probing {line} ...[/dim]"))
+    text = targets_probe.target_toml(targets_probe.target_name(device), device, figures)
+    if out is None:
+        typer.echo(text)
+    else:
+        out.write_text(text)
+        err.print(f"wrote {out}; use it: specontext compile MODEL --target-file {out}")
+    typer.echo(targets_probe.comparison_table(figures, compare))
 
 
 # -- run, eval ----------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def _workload_fields(workload, solution, source) -> dict:
 
 def _prediction(solution, spec, workload, hw) -> dict:
     """Summary, per-segment memory breakdown and one step's overlap timeline at max-len."""
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
     from specontext_compiler.cost_models import memory
     from specontext_compiler.cost_models.latency import timeline
@@ -182,8 +182,7 @@ def _prediction(solution, spec, workload, hw) -> dict:
             "step_ms_at_max_len": last.predicted.get("step_ms"),
             "tokens_per_s_at_max_len": last.predicted.get("tokens_per_s"),
             "batch_search": list(solution.batch_search), "memory_breakdown": breakdown,
-            "timeline": [{"stream": e.stream, "label": e.label, "start_ms": e.start_ms, "end_ms": e.end_ms}
-                         for e in events]}
+            "timeline": [asdict(e) for e in events]}
 
 
 def _producer() -> dict:

@@ -2,7 +2,8 @@
 
 Left: GPU memory against sequence length, stacked by component, with the target's memory as a
 line (the paper's Fig. 9 view of s.6: KV offloads layer by layer as the sequence grows).
-Right: the predicted decode step, compute and copy streams, stalls in red.
+Right: the predicted decode step as the step DAG schedules it (cost_models/step_dag.py): one bar
+per operation on its stream (compute, copy), stalls in red, the critical path outlined.
 matplotlib is an optional dependency (`pip install 'specontext[plot]'`), imported only here.
 """
 from __future__ import annotations
@@ -74,16 +75,22 @@ def _timeline_panel(ax, plan: Plan) -> None:
     streams = list(dict.fromkeys(e["stream"] for e in sorted(events, key=lambda e: e["stream"] != "compute")
                                  if not _is_stall(e)))
     colors = {"compute": ("tab:blue", "lightsteelblue"), "copy": ("tab:purple", "plum")}
+    labelled = False
     for row, stream in enumerate(streams):
-        spans = [(e["start_ms"], e["end_ms"] - e["start_ms"]) for e in events
-                 if e["stream"] == stream and not _is_stall(e)]
+        ops = [e for e in events if e["stream"] == stream and not _is_stall(e)]
         shades = colors.get(stream, ("tab:gray", "lightgray"))
-        ax.broken_barh(spans, (row - 0.35, 0.7), facecolors=[shades[i % 2] for i in range(len(spans))],
-                       edgecolor="white", linewidth=0.3)
+        ax.broken_barh([(e["start_ms"], e["end_ms"] - e["start_ms"]) for e in ops], (row - 0.35, 0.7),
+                       facecolors=[shades[i % 2] for i in range(len(ops))], edgecolor="white", linewidth=0.3)
+        critical = [(e["start_ms"], e["end_ms"] - e["start_ms"]) for e in ops if e.get("critical")]
+        if critical:   # the operations that set the step, outlined (one legend entry)
+            ax.broken_barh(critical, (row - 0.35, 0.7), facecolors="none", edgecolor="black", linewidth=1.2,
+                           label=None if labelled else "critical path")
+            labelled = True
     stalls = _stalls(events)
     if stalls:
         ax.broken_barh([(start, ms) for _, start, ms in stalls], (-0.45, 0.9), facecolors="red",
                        alpha=0.6, label=f"stall ({sum(s[2] for s in stalls):.2f} ms)")
+    if stalls or any(e.get("critical") for e in events):
         ax.legend(fontsize=7, loc="upper right")
     ax.set_yticks(range(len(streams)), streams)
     ax.set_ylim(-0.6, len(streams) - 0.4)

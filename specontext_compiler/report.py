@@ -80,8 +80,14 @@ def _layer_ruler(num_layers: int) -> str:
     return "".join(ruler)
 
 
+def selection_overlap(plan: Plan, seg: Segment | None = None) -> Any:
+    """The selection overlap a prediction assumes: the segment's own, else the plan workload's."""
+    overlap = (seg.predicted.get("selection_overlap") if seg is not None else None)
+    return overlap if overlap is not None else plan.workload.get("selection_overlap")
+
+
 def _prediction_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
-    headers = ["seq len", "GPU layers", "step ms", "tok/s", "compute ms", "copy ms",
+    headers = ["seq len", "GPU layers", "step ms", "tok/s", "overlap", "compute ms", "copy ms",
                "stall ms", "retrieval ms", "H2D MB/step"]
     rows = []
     for seg in plan.segments:
@@ -89,6 +95,7 @@ def _prediction_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
         h2d = p.get("h2d_bytes_per_step")
         rows.append([_range(seg), f"{len(seg.gpu_layers)}/{_num_layers(plan)}",
                      _num(p.get("step_ms")), _num(p.get("tokens_per_s"), 1),
+                     _num(selection_overlap(plan, seg)),
                      _num(p.get("compute_ms")), _num(p.get("transfer_ms")),
                      _num(p.get("stall_ms")), _num(p.get("retrieval_ms")),
                      "-" if h2d is None else _num(h2d / MB, 1)])
@@ -150,19 +157,28 @@ def _gantt(events: list[dict[str, Any]], width: int) -> list[tuple[str, list[tup
     t0 = min(e["start_ms"] for e in events)
     span = max(e["end_ms"] for e in events) - t0 or 1.0
     streams: dict[str, list[tuple[int, int, int]]] = {}
+
+    def cell_of(e: dict[str, Any]) -> tuple[int, int, int]:
+        first = int((e["start_ms"] - t0) / span * width)
+        end = max(first + 1, int(round((e["end_ms"] - t0) / span * width)))
+        return first, min(end, width), 0
+
     for e in events:
         if _is_stall(e):
             continue
         cells = streams.setdefault(e["stream"], [])
-        first = int((e["start_ms"] - t0) / span * width)
-        end = max(first + 1, int(round((e["end_ms"] - t0) / span * width)))
-        cells.append((first, min(end, width), len(cells)))
+        first, end, _ = cell_of(e)
+        cells.append((first, end, len(cells)))
     stall_cells = [(int((start - t0) / span * width),
                     max(int((start - t0) / span * width) + 1, int(round((start + ms - t0) / span * width))), 0)
                    for _, start, ms in _stalls(events)]
     if stall_cells:
         streams["stall"] = stall_cells
-    order = {"compute": 0, "copy": 1, "stall": 3}
+    # the critical path's row: █ where a compute-stream operation sets the step, ▓ a copy
+    critical = [(*cell_of(e)[:2], int(e["stream"] != "compute")) for e in events if e.get("critical")]
+    if critical:
+        streams["critical"] = critical
+    order = {"compute": 0, "copy": 1, "stall": 3, "critical": 4}
     return sorted(streams.items(), key=lambda item: order.get(item[0], 2))
 
 
@@ -183,12 +199,14 @@ def _kv_lines(plan: Plan) -> list[tuple[str, str]]:
         ("target", f"{plan.target.get('name')} ({_gib(plan.target.get('gpu_memory_bytes'))} GiB GPU)"),
         ("workload", f"max len {format_tokens(int(w.get('max_len', 0)))} tokens, prompt "
                      f"{w.get('prompt_len', '-')}, batch {w.get('batch')}, budget {w.get('budget')}, "
-                     f"sinks {w.get('sink_tokens')}, recent {w.get('recent_tokens')}"),
+                     f"sinks {w.get('sink_tokens')}, recent {w.get('recent_tokens')}, "
+                     f"selection overlap {_value(w.get('selection_overlap', '-'))}"),
         ("retrieval head", ", ".join(f"{k} {_value(v)}" for k, v in r.items() if k != "file")),
         ("solver", ", ".join(f"{k} {_value(v)}" for k, v in plan.solver.items())),
         ("prefetch issue→wait", _schedule_line(plan)),
-        ("prediction", ", ".join(f"{k} {_value(v)}" for k, v in plan.prediction.items()
-                                 if isinstance(v, (int, float, str)) and k != "timeline_seq_len") or "-"),
+        ("prediction", (", ".join(f"{k} {_value(v)}" for k, v in plan.prediction.items()
+                                  if isinstance(v, (int, float, str)) and k != "timeline_seq_len") or "-")
+         + f" (at selection overlap {_value(selection_overlap(plan))})"),
         ("graph", f"{plan.graph.get('file', '-')}, {_value(plan.graph.get('nodes', '?'))} nodes"),
         ("kernels", ", ".join(k.get("family", k.get("file", "?")) for k in plan.kernels) or "-"),
     ]
@@ -210,7 +228,15 @@ def _pass_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
 
 def _timeline_caption(plan: Plan) -> str:
     seq_len = plan.prediction.get("timeline_seq_len", plan.workload.get("max_len", 0))
-    return f"one decode step at {format_tokens(int(seq_len))} tokens"
+    return (f"one decode step at {format_tokens(int(seq_len))} tokens, "
+            f"selection overlap {_value(selection_overlap(plan))}")
+
+
+def critical_path_line(events: list[dict[str, Any]]) -> str:
+    """'critical path: retrieval > top-k > diff > gather L20..L31 > layer 31 > lm head', or ''."""
+    from specontext_compiler.cost_models.latency import describe_path
+    path = [e["label"] for e in sorted(events, key=lambda e: e["start_ms"]) if e.get("critical")]
+    return f"critical path (█ compute, ▓ copy): {describe_path(path)}" if path else ""
 
 
 # -- rich --------------------------------------------------------------------------------------
@@ -256,7 +282,8 @@ def _rich_timeline(plan: Plan) -> Group:
     table = _bare_table(show_header=False)
     table.add_column(no_wrap=True)
     table.add_column(no_wrap=True)
-    palette = {"compute": ("blue", "cyan"), "copy": ("magenta", "yellow"), "stall": ("bold red",) * 2}
+    palette = {"compute": ("blue", "cyan"), "copy": ("magenta", "yellow"), "stall": ("bold red",) * 2,
+               "critical": ("bold white",) * 2}
     for stream, cells in _gantt(events, TIMELINE_WIDTH_CHARS):
         table.add_row(stream, _gantt_text(cells, TIMELINE_WIDTH_CHARS, palette.get(stream, ("white", "grey50"))))
     stalls = _stalls(events)
@@ -271,7 +298,8 @@ def _rich_timeline(plan: Plan) -> Group:
         note = Text("no stalls: every copy hides behind compute", style="green")
     else:
         note = Text("no copies: nothing is offloaded at this length", style="green")
-    return _titled(title, Group(table, note))
+    path = critical_path_line(events)
+    return _titled(title, Group(table, note, Text(path, style="dim")) if path else Group(table, note))
 
 
 def render_report(plan: Plan) -> list[RenderableType]:
@@ -309,6 +337,8 @@ def _md_timeline(plan: Plan) -> str:
     lines.append(" " * 9 + f"0 .. {max(e['end_ms'] for e in events) - events[0]['start_ms']:.2f} ms")
     stalls = _stalls(events)
     lines.append(f"stalls: {len(stalls)}, {sum(s[2] for s in stalls):.3f} ms")
+    if critical_path_line(events):
+        lines.append(critical_path_line(events))
     return "```\n" + "\n".join(lines) + "\n```"
 
 
@@ -339,6 +369,7 @@ def plan_summary_json(plan: Plan) -> dict[str, Any]:
         "target": plan.target.get("name"),
         "max_len": plan.workload.get("max_len"),
         "batch": plan.workload.get("batch"),
+        "selection_overlap": selection_overlap(plan),
         "num_layers": _num_layers(plan),
         "num_segments": len(plan.segments),
         "gpu_layers_at_max_len": len(last.gpu_layers) if last else None,

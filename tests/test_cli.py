@@ -287,3 +287,12 @@ def test_selection_overlap_reaches_the_plan_and_bad_values_exit_2(tmp_path):
     assert load_plan(out).workload["selection_overlap"] == 0.15
     bad = invoke("compile", "tiny-llama", "--max-len", "2k", "--selection-overlap", "1.5", "-o", str(tmp_path / "x"))
     assert bad.exit_code == 2 and "selection overlap 1.5" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_inspect_reprices_at_another_selection_overlap(tmp_path):
+    out = tmp_path / "tiny"
+    assert invoke("compile", "tiny-llama", "--max-len", "2k", "-o", str(out)).exit_code == 0
+    shown = invoke("inspect", str(out), "--selection-overlap", "0.3")
+    assert shown.exit_code == 0, shown.output
+    assert "selection overlap 0.3" in shown.stdout and "critical path" in shown.stdout
+    assert_one_line_error(invoke("inspect", str(out), "--selection-overlap", "1.5"), "--selection-overlap 1.5")

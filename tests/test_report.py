@@ -178,3 +178,17 @@ def test_write_plot_makes_a_png(tmp_path):
     path = write_plot(make_plan(), tmp_path / "plan.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
+
+
+def test_report_prints_the_overlap_beside_every_tok_s_and_the_critical_path():
+    plan = make_plan()
+    for event in plan.prediction["timeline"]:     # mark the compute stream as the path
+        event["critical"] = event["stream"] == "compute" and not event["label"].startswith("stall")
+    text = _render(plan)
+    assert "overlap" in text and "selection overlap 0.7" in text
+    headers, rows = report._prediction_rows(plan)
+    at = headers.index("overlap")
+    assert headers[at - 1] == "tok/s" and all(row[at] == "0.70" for row in rows)
+    assert "critical path (█ compute, ▓ copy): L0 > L1 > L2" in text
+    assert "critical" in dict(report._gantt(report._timeline_events(plan), 64))
+    assert "critical path" in report.render_report_markdown(plan)

@@ -129,3 +129,20 @@ def test_layer_fixed_cost_is_optional_non_negative_and_adds_per_layer(tmp_path, 
         load_target_file(_write(tmp_path, GOOD + "layer_fixed_us = -1\n"))
     with pytest.raises(TargetError, match="layer_fixed_us = 'a lot' is not a number"):
         load_target_file(_write(tmp_path, GOOD + "layer_fixed_us = 'a lot'\n"))
+
+
+def test_contention_figures_are_optional_and_checked(tmp_path):
+    plain = load_target_file(_write(tmp_path, GOOD))
+    assert plain.compute_slowdown_beside_gather == 1.0 and plain.gather_gbps_beside_compute is None
+    assert plain.gather_gbps_overlapped == plain.pinned_gather_gbps      # overlapped_copy_efficiency 1
+    assert plain.write_through_gbps == plain.h2d_gbps
+    given = load_target_file(_write(tmp_path, GOOD + "gather_gbps_beside_compute = 9.5\n"
+                                    "compute_slowdown_beside_gather = 1.4\nd2h_gbps = 18\n"))
+    figures = (given.gather_gbps_overlapped, given.compute_slowdown_beside_gather, given.write_through_gbps)
+    assert figures == (9.5, 1.4, 18)
+    with pytest.raises(TargetError, match=r"compute_slowdown_beside_gather must be >= 1"):
+        load_target_file(_write(tmp_path, GOOD + "compute_slowdown_beside_gather = 0.5\n"))
+    with pytest.raises(TargetError, match="gather_gbps_beside_compute must be positive"):
+        load_target_file(_write(tmp_path, GOOD + "gather_gbps_beside_compute = 0\n"))
+    with pytest.raises(TargetError, match="d2h_gbps = 'fast' is not a number"):
+        load_target_file(_write(tmp_path, GOOD + "d2h_gbps = 'fast'\n"))
