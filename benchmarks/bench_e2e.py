@@ -51,11 +51,11 @@ def fill_store_randomly(engine, context: int) -> None:
     # Residency and capacity first, while the slots are empty (a grow copies only filled rows).
     engine.memory.before_step(context)          # the plan's residency at this length
     ctx.cache_len.fill_(context)
-    largest = max(t.numel() for layer in ctx.store.layers for t in (layer.k, layer.v))
+    largest = max(t.numel() for layer in ctx.store.layers for t in layer.storage())
     chunk = torch.randn(min(64 << 20, largest), device=ctx.cache_len.device,    # up to 128 MiB of noise
                         dtype=ctx.store.layout.dtype)
     for layer in ctx.store.layers:
-        for tensor in (layer.k, layer.v):
+        for tensor in layer.storage():
             flat = tensor.view(-1)
             for start in range(0, flat.numel(), chunk.numel()):
                 part = flat[start:start + chunk.numel()]

@@ -2,8 +2,14 @@
 
 Layout per layer (head-major, so one (head, token) row is head_dim elements contiguous):
   resident  k, v: [slots, Hkv, capacity, D] on the compute device
-  offloaded k, v: [slots, Hkv, max_len, D] in pinned host memory (the full history), plus a
-            budget buffer buf_k, buf_v: [slots, Hkv, W, D] on the device
+  offloaded host: [slots, Hkv, max_len, D + Dv] in pinned host memory (the full history), with
+            k = host[..., :D] and v = host[..., D:] as views, plus a budget buffer
+            buf_k, buf_v: [slots, Hkv, W, D] on the device
+
+The offloaded history keeps K and V of one (position, head) adjacent: the elastic gather reads
+each selected row from host memory over PCIe, and one 512-byte run per row instead of two
+256-byte rows in two arrays measured 1.8x the gather rate, with less slowdown of the kernels
+running beside it (benchmarks/bench_gather.py, bench_gather_interference.py; RESULTS.md).
 
 One slot table for the whole store, slot_pos [slots, G, W] int32 on the device, says which position
 each buffer slot holds (-1 empty). It is shared because selection picks one index set per step for
@@ -46,6 +52,7 @@ class LayerKV:
         self.layout = layout
         self.offloaded = False
         self.k = self.v = None
+        self.host = None           # the offloaded history that k and v view
         self.buf_k = self.buf_v = None
         # True while the budget buffer is empty but the store's slot table may name positions.
         self.needs_full_load = False
@@ -66,19 +73,19 @@ class LayerKV:
         # Everything is allocated before anything is replaced: an allocation that fails leaves the
         # layer as it was (on the GPU, usable), so the engine can report it and serve on.
         lay = self.layout
-        pin = lay.device.type == "cuda"
-        host_k = torch.empty((lay.slots, lay.num_kv_heads, lay.max_len, lay.head_dim),
-                             dtype=lay.dtype, pin_memory=pin)
-        host_v = torch.empty((lay.slots, lay.num_kv_heads, lay.max_len, lay.v_head_dim),
-                             dtype=lay.dtype, pin_memory=pin)
+        host = torch.empty((lay.slots, lay.num_kv_heads, lay.max_len, lay.head_dim + lay.v_head_dim),
+                           dtype=lay.dtype, pin_memory=lay.device.type == "cuda")
+        host_k, host_v = host[..., :lay.head_dim], host[..., lay.head_dim:]
         buf_k = torch.empty((lay.slots, lay.num_kv_heads, lay.width, lay.head_dim),
                             dtype=lay.dtype, device=lay.device)
         buf_v = torch.empty((lay.slots, lay.num_kv_heads, lay.width, lay.v_head_dim),
                             dtype=lay.dtype, device=lay.device)
         if filled and self.k is not None:
-            host_k[:, :, :filled].copy_(self.k[:, :, :filled])
-            host_v[:, :, :filled].copy_(self.v[:, :, :filled])
-        self.k, self.v, self.buf_k, self.buf_v = host_k, host_v, buf_k, buf_v
+            for b in range(lay.slots):     # one (request, head) span is contiguous in host memory: one DMA
+                span = torch.cat((self.k[b, :, :filled], self.v[b, :, :filled]), dim=-1)
+                for h in range(lay.num_kv_heads):
+                    host[b, h, :filled].copy_(span[h])
+        self.host, self.k, self.v, self.buf_k, self.buf_v = host, host_k, host_v, buf_k, buf_v
         self.offloaded = True
 
     def offload(self, filled: int) -> None:
@@ -90,21 +97,24 @@ class LayerKV:
     def history(self, rows: slice, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of request slots `rows`, positions [0, end), on `device` (prefill of an offloaded layer).
 
-        Each (request, head) span is contiguous in the host layout, so it is copied as one DMA; a
-        single `.to()` of the strided [B, H, :end] view first packs it on the CPU instead, measured
-        21x slower on the H100 (15.9 vs 0.76 ms for a 16.6k-token K history,
+        Each (request, head) span of K and V together is contiguous in the host layout, so it is
+        copied as one DMA; a single `.to()` of the strided [B, H, :end] view first packs it on the
+        CPU instead, measured 21x slower on the H100 (15.9 vs 0.76 ms for a 16.6k-token K history,
         benchmarks/measure_prefill_pieces.py).
         """
-        k, v = self.k[rows, :, :end], self.v[rows, :, :end]
-        if k.device == device:
-            return k, v
-        out_k = torch.empty(k.shape, dtype=k.dtype, device=device)
-        out_v = torch.empty(v.shape, dtype=v.dtype, device=device)
-        for b in range(k.shape[0]):
-            for h in range(k.shape[1]):
-                out_k[b, h].copy_(k[b, h], non_blocking=True)
-                out_v[b, h].copy_(v[b, h], non_blocking=True)
-        return out_k, out_v
+        dim = self.layout.head_dim
+        spans = self.host[rows, :, :end]
+        if spans.device == device:
+            return spans[..., :dim], spans[..., dim:]
+        out = torch.empty(spans.shape, dtype=spans.dtype, device=device)
+        for b in range(spans.shape[0]):
+            for h in range(spans.shape[1]):
+                out[b, h].copy_(spans[b, h], non_blocking=True)
+        return out[..., :dim], out[..., dim:]
+
+    def storage(self) -> list[torch.Tensor]:
+        """The tensors that own this layer's history (k and v are views of `host` when offloaded)."""
+        return [self.host] if self.offloaded else [self.k, self.v]
 
     def grow(self, capacity: int, filled: int) -> None:
         """Give a resident layer room for `capacity` tokens, keeping its first `filled` tokens."""
@@ -163,5 +173,4 @@ class KVStore:
 
     def host_bytes(self) -> int:
         """Bytes of offloaded history in (pinned) host memory."""
-        return sum(layer.k.numel() * layer.k.element_size() + layer.v.numel() * layer.v.element_size()
-                   for layer in self.layers if layer.offloaded)
+        return sum(layer.host.numel() * layer.host.element_size() for layer in self.layers if layer.offloaded)

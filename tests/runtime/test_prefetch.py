@@ -15,10 +15,10 @@ SLOTS, HEADS, WIDTH, SEQ, DIM, V_DIM = 2, 3, 6, 14, 8, 5
 LAYERS = 4
 
 
-def _store(offloaded, groups=HEADS):
+def _store(offloaded, groups=HEADS, device="cpu"):
     layout = KVLayout(num_layers=LAYERS, slots=SLOTS, max_len=SEQ, num_kv_heads=HEADS, head_dim=DIM,
                       v_head_dim=V_DIM, width=WIDTH, groups=groups, dtype=torch.float32,
-                      device=torch.device("cpu"))
+                      device=torch.device(device))
     store = KVStore(layout, offloaded)
     for layer in store.layers:          # fresh random history, resident or on the host
         layer.k.copy_(torch.randn_like(layer.k))
@@ -38,19 +38,19 @@ def _selection(groups=HEADS):
 
 def _from_scratch(store, layer):
     """The layer's buffer as a full load of everything the table names would leave it."""
-    kv, table = store.layers[layer], store.slot_pos
-    ref_k, ref_v = torch.zeros_like(kv.buf_k), torch.zeros_like(kv.buf_v)
-    el.gather_rows_reference(kv.k, kv.v, ref_k, ref_v, table, el.buffer_indices(table))
+    kv, table = store.layers[layer], store.slot_pos.cpu()       # the reference runs on the CPU
+    ref_k, ref_v = torch.zeros_like(kv.buf_k, device="cpu"), torch.zeros_like(kv.buf_v, device="cpu")
+    el.gather_rows_reference(kv.k.cpu(), kv.v.cpu(), ref_k, ref_v, table, el.buffer_indices(table))
     return ref_k, ref_v
 
 
 def _assert_buffers_match(store):
-    held = (store.slot_pos >= 0).repeat_interleave(HEADS // store.layout.groups, dim=1)   # [SLOTS, HEADS, WIDTH]
+    held = (store.slot_pos.cpu() >= 0).repeat_interleave(HEADS // store.layout.groups, dim=1)   # [SLOTS, HEADS, WIDTH]
     for layer in store.offloaded_layers():
         kv = store.layers[layer]
         ref_k, ref_v = _from_scratch(store, layer)
-        assert torch.equal(kv.buf_k[held], ref_k[held]), f"layer {layer} K"
-        assert torch.equal(kv.buf_v[held], ref_v[held]), f"layer {layer} V"
+        assert torch.equal(kv.buf_k.cpu()[held], ref_k[held]), f"layer {layer} K"
+        assert torch.equal(kv.buf_v.cpu()[held], ref_v[held]), f"layer {layer} V"
 
 
 class CountingKernels(KernelSet):
@@ -78,7 +78,9 @@ def _step(fetcher, indices, issue_order, late=()):
 @pytest.mark.parametrize("groups", [HEADS, 1], ids=["head-level", "one-set"])
 @pytest.mark.parametrize("reference", [True, False], ids=["reference", "triton"])
 def test_shared_diff_matches_loading_each_layer_from_scratch(reference, groups):
-    store = _store(offloaded=(1, 2, 3), groups=groups)
+    # Compiled Triton needs device buffers and pinned host history: the real layout, on a GPU.
+    device = "cuda" if not reference and torch.cuda.is_available() else "cpu"
+    store = _store(offloaded=(1, 2, 3), groups=groups, device=device)
     kernels = CountingKernels(reference)
     fetcher = Prefetcher(store, kernels)
     own_tables = {i: torch.full_like(store.slot_pos, -1) for i in range(LAYERS)}   # the per-layer path
@@ -91,14 +93,16 @@ def test_shared_diff_matches_loading_each_layer_from_scratch(reference, groups):
             store.layers[0].buf_v.fill_(float("nan"))
         if step == 4:      # a new request in slot 1: its history is new, stale rows must not survive
             store.reset_slot(1)
-            own_tables = {i: t.index_fill(0, torch.tensor([1]), -1) for i, t in own_tables.items()}
+            own_tables = {i: t.index_fill(0, torch.tensor([1], device=t.device), -1) for i, t in own_tables.items()}
             for layer in store.layers:
                 layer.k[1].copy_(torch.randn_like(layer.k[1]))
                 layer.v[1].copy_(torch.randn_like(layer.v[1]))
-        indices = _selection(groups)
-        _step(fetcher, indices, issue_order=[3, 1], late=[i for i in (0, 2) if store.layers[i].offloaded])
+        indices = _selection(groups).to(device)
+        _step(fetcher, indices, issue_order=[3, 1],
+              late=[i for i in (0, 2) if store.layers[i].offloaded])
         for layer in store.offloaded_layers():
             load_pos, _, own_tables[layer] = el.elastic_diff_reference(own_tables[layer], indices)
+            load_pos = load_pos.cpu()
             expected_loaded += int((load_pos >= 0).sum())
             expected_requested += int((indices >= 0).sum())
         _assert_buffers_match(store)
@@ -146,3 +150,27 @@ def test_offloaded_history_comes_back_exactly_for_the_requested_rows():
     assert k.shape == (2, 2, 7, 4) and v.shape == (2, 2, 7, 3) and k.device.type == "meta"
     k, v = layer.history(slice(1, 3), 7, torch.device("cpu"))      # same device: a view
     assert torch.equal(k, layer.k[1:3, :, :7]) and torch.equal(v, layer.v[1:3, :, :7])
+
+
+class GridRecordingKernels(KernelSet):
+    """A KernelSet that records the grid asked of each gather."""
+
+    def __init__(self):
+        super().__init__(reference=True)
+        self.grids = []
+
+    def gather_compact(self, host_k, host_v, buf_k, buf_v, loads, groups, programs=None):
+        self.grids.append(programs)
+        super().gather_compact(host_k, host_v, buf_k, buf_v, loads, groups, programs)
+
+
+def test_each_gather_of_a_step_gets_its_grid_in_issue_order():
+    store = _store(offloaded=(0, 1, 2, 3))
+    kernels = GridRecordingKernels()
+    fetcher = Prefetcher(store, kernels)
+    fetcher.gather_grids = (4, 8, 32)
+    _step(fetcher, _selection(), issue_order=[0, 1, 2, 3])    # the first step fills the empty buffers
+    kernels.grids.clear()
+    _step(fetcher, _selection(), issue_order=[2, 0], late=[3, 1])
+    assert kernels.grids == [4, 8, 32, None]                   # past the schedule: the kernel's default
+    _assert_buffers_match(store)
