@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="profile without the CUDA graph")
     parser.add_argument("--gather-programs", type=int, default=None,
                         help="override the host gather's program count (elastic_load.PROGRAMS; -1: one per block)")
+    parser.add_argument("--gather-grids", help="programs of the step's gathers in order, e.g. 8x6,32 "
+                        "(six at 8, then 32 for the rest); the last value repeats")
     parser.add_argument("--overlap", help="synthetic selection overlap in (0, 1), as bench_e2e.py --overlap")
     parser.add_argument("--out", default=os.environ.get("OUT", "profile_out"))
     args = parser.parse_args()
@@ -129,6 +131,8 @@ def main() -> None:
     gather = engine.ctx.kernels.modules["elastic_load"]
     if args.gather_programs is not None:
         gather.PROGRAMS = args.gather_programs
+    if args.gather_grids:
+        engine.ctx.prefetcher.gather_grids = parse_grids(args.gather_grids)
     fill_store_randomly(engine, args.context)
     if args.overlap is None:
         ids = torch.randint(0, 1000, (engine.slots, 1), device="cuda")
@@ -152,7 +156,8 @@ def main() -> None:
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3 / args.replays
 
-    tag = (f"{Path(args.plan).name}{'-eager' if args.eager else ''}-g{gather.PROGRAMS}"
+    grid_tag = args.gather_grids.replace(",", "_") if args.gather_grids else gather.PROGRAMS
+    tag = (f"{Path(args.plan).name}{'-eager' if args.eager else ''}-g{grid_tag}"
            f"{'' if args.overlap is None else f'-o{args.overlap}'}")
     trace = out / f"trace-{tag}.json"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -173,13 +178,22 @@ def main() -> None:
     model_step = predicted_step(engine.plan, args.context, stats["selection_overlap"])
     summary.update({"plan": args.plan, "context": args.context, "batch": engine.slots, "eager": args.eager,
                     "overlap_target": args.overlap,
-                    "gather_programs": gather.PROGRAMS,
+                    "gather_programs": gather.PROGRAMS, "gather_grids": args.gather_grids,
                     "wall_ms_per_step": wall_ms, "overlap": stats["selection_overlap"],
                     "offloaded_layers": len(engine.plan.segment_for(args.context).offloaded_layers),
                     "model": {k: getattr(model_step, k) for k in
                               ("retrieval_ms", "compute_ms", "transfer_ms", "stall_ms", "step_ms", "h2d_bytes_per_step")}})
     (out / f"profile-{tag}.json").write_text(json.dumps(summary, indent=1))
     print_tables(summary)
+
+
+def parse_grids(text: str, gathers: int = 64) -> tuple[int, ...]:
+    """'8x6,32' -> (8, 8, 8, 8, 8, 8, 32, 32, ...): per-gather grids, the last one repeated."""
+    grids: list[int] = []
+    for part in text.split(","):
+        value, _, count = part.partition("x")
+        grids += [int(value)] * int(count or 1)
+    return tuple(grids + [grids[-1]] * max(0, gathers - len(grids)))
 
 
 def _fmt(value, spec: str) -> str:
@@ -189,7 +203,7 @@ def _fmt(value, spec: str) -> str:
 def print_tables(s: dict) -> None:
     m = s["model"]
     print(f"\n{s['plan']} at {s['context']} tokens, batch {s['batch']}, {s['offloaded_layers']} offloaded layers, "
-          f"{'eager' if s['eager'] else 'CUDA graph'}, gather programs {s['gather_programs']}: "
+          f"{'eager' if s['eager'] else 'CUDA graph'}, gather grids {s['gather_grids'] or s['gather_programs']}: "
           f"{s['wall_ms_per_step']:.1f} ms/step wall, overlap {_fmt(s['overlap'], '.3f')}, "
           f"{s['kernels']} kernels/step, kernel span {s['span_ms']:.1f} ms")
     print(f"model at this overlap: retrieval {m['retrieval_ms']:.1f}, compute {m['compute_ms']:.1f}, "

@@ -56,8 +56,13 @@ class KernelSet:
     def compact_loads(self, load_pos, load_slot):
         return self.modules["elastic_load"].compact_loads(load_pos, load_slot)
 
-    def gather_compact(self, host_k, host_v, buf_k, buf_v, loads, groups):
-        self._fn("elastic_load", "gather_compact")(host_k, host_v, buf_k, buf_v, loads, groups)
+    def gather_compact(self, host_k, host_v, buf_k, buf_v, loads, groups, programs: int | None = None):
+        """programs: the Triton grid for this copy (None: the kernel's default); the reference ignores it."""
+        fn = self._fn("elastic_load", "gather_compact")
+        if programs is None or self.reference:
+            fn(host_k, host_v, buf_k, buf_v, loads, groups)
+        else:
+            fn(host_k, host_v, buf_k, buf_v, loads, groups, programs=programs)
 
     def buffer_indices(self, slot_pos):
         return self.modules["elastic_load"].buffer_indices(slot_pos)

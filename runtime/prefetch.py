@@ -45,6 +45,10 @@ class Prefetcher:
         device = store.layout.device
         self.copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self.events: dict[int, torch.cuda.Event] = {}
+        # Grid of the n-th gather of a step (None past the end: the kernel's default). A gather that
+        # runs beside the layers' compute slows it (more programs, more slowdown), one that runs
+        # after the resident layers have finished should take the whole link.
+        self.gather_grids: tuple[int, ...] = ()
         self._loaded: set[int] = set()
         self._diff: StepDiff | None = None
         # Rows copied and rows selected, summed over layers on the device (read outside the hot loop).
@@ -95,8 +99,10 @@ class Prefetcher:
         if kv.needs_full_load:
             self._full_load(kv)
         else:
+            order = len(self._loaded) - 1            # this layer's place among the step's gathers
+            programs = self.gather_grids[order] if order < len(self.gather_grids) else None
             self.kernels.gather_compact(kv.k[rows], kv.v[rows], kv.buf_k[rows], kv.buf_v[rows],
-                                        diff.rows, diff.groups)
+                                        diff.rows, diff.groups, programs)
             self.rows_loaded += diff.loads
         self.rows_requested += diff.wanted
 

@@ -132,12 +132,13 @@ class _Gather:
         from specontext_compiler.runtime.kernels import elastic_load
         s = {**GATHER_SHAPE, "seq": seq or GATHER_SHAPE["seq"]}
         rows, per_row = s["batch"] * s["heads"], round((1 - s["overlap"]) * s["width"])
-        # K and V apart, as runtime/kv_store.py allocates them; pinned on CUDA (the CPU is for tests)
-        self.host_k, self.host_v = (torch.empty(s["batch"], s["heads"], s["seq"], s["dim"], dtype=torch.bfloat16,
-                                                pin_memory=device.type == "cuda") for _ in "kv")
-        for host in (self.host_k, self.host_v):
-            host.view(-1)[: 1 << 24].normal_()   # the rest stays as allocated: the copy's speed ignores values
-        self.span_bytes = 2 * self.host_k.numel() * 2
+        # K and V of one (token, head) side by side in one pinned tensor, as runtime/kv_store.py
+        # keeps offloaded history (pinned on CUDA; the CPU is for tests).
+        self.host = torch.empty(s["batch"], s["heads"], s["seq"], 2 * s["dim"], dtype=torch.bfloat16,
+                                pin_memory=device.type == "cuda")
+        self.host.view(-1)[: 1 << 24].normal_()   # the rest stays as allocated: the copy's speed ignores values
+        self.host_k, self.host_v = self.host[..., :s["dim"]], self.host[..., s["dim"]:]
+        self.span_bytes = self.host.numel() * 2
         self.buf_k, self.buf_v = (torch.zeros(s["batch"], s["heads"], s["width"], s["dim"], device=device,
                                               dtype=torch.bfloat16) for _ in "kv")
         pos = torch.full((rows, s["width"]), -1, dtype=torch.int32, device=device)
