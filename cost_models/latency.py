@@ -71,7 +71,7 @@ def gather_alone_ms(spec: ModelSpec, workload: Workload, target: Target, seq_len
     """Copy-stream time of one offloaded layer with nothing beside it: delta gather + write-through."""
     write_through = workload.batch * memory.kv_bytes_per_token_layer(spec)
     return (layer_h2d_bytes(spec, workload, seq_len) / (target.pinned_gather_gbps * 1e6)
-            + write_through / (target.write_through_gbps * 1e6))
+            + write_through / (target.write_through_gbps * 1e6) + target.gather_fixed_us / 1e3)
 
 
 def layer_transfer_ms(spec: ModelSpec, workload: Workload, target: Target, seq_len: float) -> float:

@@ -34,7 +34,7 @@ V_HEAD_DIM = 0        # Dv
 GROUPS = 0            # G
 WIDTH = 0             # W
 BLOCK_R = 0           # list entries per block (0: chosen by _block_rows)
-PROGRAMS = 0          # programs looping over the blocks (0: an eighth of the SMs; -1: one per block)
+PROGRAMS = 0          # programs looping over the blocks (0: a sixteenth of the SMs; -1: one per block)
 DTYPE = None
 # --- specialization: end ---
 
@@ -179,15 +179,17 @@ def _programs(max_blocks: int, device: torch.device, programs: int) -> int:
 
     The rows come from pinned host memory over PCIe, so each program mostly waits; one program per
     block filled every SM and slowed the compute stream's kernels running beside the copy
-    (benchmarks/RESULTS.md, runs 19-20). A bounded grid that loops over the blocks keeps the PCIe
-    link busy and leaves the SMs to the layers.
+    (benchmarks/RESULTS.md). A bounded grid that loops over the blocks keeps the PCIe link busy and
+    leaves the SMs to the layers. The default, a sixteenth of the SMs (8 on an H200), gave the
+    shortest 128k step of 4, 8 and 16 programs: fewer leave the link idle, more slow the layers
+    beside the copy more than they speed the copy.
     """
     if programs < 0:
         return max_blocks
     if programs:
         return max(1, min(max_blocks, programs))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(max_blocks, sms // 8))
+    return max(1, min(max_blocks, sms // 16))
 
 
 @triton.jit

@@ -15,9 +15,10 @@ OFFLOADED = range(20, 32)
 
 @pytest.fixture
 def h200_contended():
-    """The H200 with the probe figures quoted in issue 15: gather 33 GB/s alone, 21.5 beside GEMMs."""
+    """The H200 with the probe figures quoted in issue 15: gather 33 GB/s alone, 21.5 beside GEMMs
+    (no fixed time per gather: its bytes alone)."""
     return override_target(load_target("h200"), {"pinned_gather_gbps": 33, "gather_gbps_beside_compute": 21.5,
-                                                  "compute_slowdown_beside_gather": 1.5})
+                                                  "compute_slowdown_beside_gather": 1.5, "gather_fixed_us": 0.0})
 
 
 def test_dag_has_one_node_per_operation_and_the_runtime_edges(llama, h200_contended):
@@ -122,3 +123,12 @@ def test_gathers_on_two_copy_streams_share_the_link(llama, h200_contended):
     assert l20.start_ms == pytest.approx(l21.start_ms)
     assert l21.end_ms == pytest.approx(one.span("gather L21").end_ms, rel=1e-6)
     assert two.step_ms == pytest.approx(one.step_ms, rel=0.05)
+
+
+def test_a_fixed_time_per_gather_lengthens_the_copy_chain_whatever_the_bytes(llama, h200_contended):
+    work = replace(WORK, selection_overlap=0.95)
+    base = latency.step_time(llama, work, h200_contended, 130560, OFFLOADED)
+    fixed = override_target(h200_contended, {"gather_fixed_us": 500.0})
+    slower = latency.step_time(llama, work, fixed, 130560, OFFLOADED)
+    assert slower.transfer_ms - base.transfer_ms >= len(OFFLOADED) * 0.5 * 0.999   # at least 0.5 ms a gather
+    assert slower.step_ms > base.step_ms
