@@ -14,6 +14,7 @@ from typing import Callable
 
 from specontext_compiler import __version__
 from specontext_compiler.runtime.plan import SCHEMA_VERSION, Plan, PrefetchSlot, Segment, write_plan_dir
+from specontext_compiler.runtime.plan_integrity import plan_manifest
 from specontext_compiler.sizes import parse_tokens
 
 Progress = Callable[[str, float], None]
@@ -86,6 +87,7 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     from specontext_compiler.report import render_report_markdown
     files["report.md"] = render_report_markdown(plan)
     out_dir = Path(out) if out else Path("plans") / f"{source.name}-{hw.name}"
+    files.update(plan_manifest(plan.to_json(), files))
     write_plan_dir(plan, out_dir, files)
     clock.stage("done")
     return plan
