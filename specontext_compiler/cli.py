@@ -169,7 +169,7 @@ def compile_cmd(
     max_len: Annotated[str, typer.Option("--max-len", metavar="TOKENS", help="Longest sequence to plan for, in tokens; accepts 131072, 128k, 1M (k = 1024).")] = "128k",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Plan directory to write (replaced whole). Default: plans/<model>-<target>.")] = None,
     batch: Annotated[str, typer.Option("--batch", metavar="N|auto", help="Concurrent requests: a positive integer, or 'auto' for the largest that fits.")] = "1",
-    budget: Annotated[int, typer.Option("--budget", min=1, metavar="TOKENS", help="Selected KV tokens per layer per step (the paper's B), in tokens.")] = 2048,
+    budget: Annotated[Optional[int], typer.Option("--budget", min=1, metavar="TOKENS", help="Selected KV tokens per layer per step (the paper's B), in tokens; at most --max-len. Default: 2048, or --max-len if smaller.")] = None,
     sinks: Annotated[int, typer.Option("--sinks", min=0, metavar="TOKENS", help="Leading sink tokens always attended, in tokens.")] = 1,
     recent: Annotated[int, typer.Option("--recent", min=0, metavar="TOKENS", help="Most recent tokens always attended, in tokens.")] = 16,
     dlm: Annotated[Optional[str], typer.Option("--dlm", metavar="DLM", help="Distilled model (directory or GGUF) or a retrieval-head .safetensors file: the head that does retrieval.")] = None,
@@ -360,6 +360,9 @@ def eval_cmd(
     if length:
         options["lengths"] = [parse_tokens(text, "--length") for text in length]
     if budget:
+        bad = [b for b in budget if b < 1]
+        if bad:
+            raise SpecontextError(f"--budget {bad[0]} must be a positive number of selected tokens")
         options["budgets"] = budget
     options.update(passkey_question=question, passkey_keys=keys)
     result = runner.run_eval_for_plan(plan_dir, task, **options)
