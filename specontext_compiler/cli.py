@@ -13,10 +13,12 @@ import re
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -25,7 +27,36 @@ from rich.text import Text
 from specontext_compiler.errors import SpecontextError
 from specontext_compiler.sizes import parse_tokens
 
-app = typer.Typer(help="SpeContext ahead-of-time compiler: plan KV residency for long-context decoding, "
+try:                        # typer >= 0.22 carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:         # pragma: no cover - older typer runs on click itself
+    from click import exceptions as click_exceptions
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """typer's usage errors (a missing argument, --budget 0) as one stderr line, like every other
+    error, instead of the multi-line box typer draws."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_exceptions.NoArgsIsHelpError:
+            sys.exit(2)                      # typer already printed the help
+        except click_exceptions.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                Text("error: ", style="bold red") + Text(" ".join(exc.format_message().split()) + hint))
+            sys.exit(exc.exit_code)
+        except click_exceptions.Abort:
+            Console(stderr=True).print("aborted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, help="SpeContext ahead-of-time compiler: plan KV residency for long-context decoding, "
                        "inspect plans, run them.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False)
 _STATE = {"debug": False}
@@ -71,6 +102,8 @@ def _global(debug: Annotated[bool, typer.Option(
     Example: specontext compile llama-3.1-8b --target a100 --max-len 128k -o plans/llama
     """
     _STATE["debug"] = debug
+    if not debug:                # a warning is one line too, like an error
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
 
 
 # -- compile ------------------------------------------------------------------------------------
@@ -214,6 +247,9 @@ def inspect_cmd(
     """
     from specontext_compiler import report
     from specontext_compiler.runtime.plan import load_plan
+    if plot is not None:
+        from specontext_compiler.plot import check_plot_path
+        check_plot_path(plot)            # before loading and drawing anything
     plan = load_plan(plan_dir)
     if plot is not None:
         from specontext_compiler.plot import write_plot
