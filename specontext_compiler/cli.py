@@ -50,7 +50,7 @@ class _OneLineErrors(typer.core.TyperGroup):
             Console(stderr=True, highlight=False, soft_wrap=True).print(
                 Text("error: ", style="bold red") + Text(" ".join(exc.format_message().split()) + hint))
             sys.exit(exc.exit_code)
-        except click_exceptions.Abort:
+        except typer.Abort:
             Console(stderr=True).print("aborted")
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
