@@ -73,9 +73,11 @@ class Plan:
 
     # -- serialization -----------------------------------------------------------------------
     def to_json(self) -> str:
+        """plan.json's text: strict JSON, so a NaN or infinity is refused here, naming its field."""
         data = asdict(self)
         data.pop("directory")
-        return json.dumps(data, indent=2, sort_keys=False)
+        check_plan_data(data, "the plan being written")
+        return json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":

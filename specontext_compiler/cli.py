@@ -151,6 +151,15 @@ class _StageProgress:
                 self._progress.stop()
 
 
+def _strict_json(data: Any) -> str:
+    """JSON other programs can parse: a NaN or infinity is an error, never written as `NaN`."""
+    try:
+        return json.dumps(data, indent=2, allow_nan=False)
+    except ValueError:
+        raise SpecontextError("the result holds a number that is not finite (NaN or infinity); "
+                              "check the target's figures and the options, then recompile") from None
+
+
 def _parse_batch(text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
@@ -226,7 +235,7 @@ def compile_cmd(
                              prompt_len=prompt_tokens, selection_overlap=selection_overlap, progress=progress)
     if as_json:
         from specontext_compiler.report import plan_summary_json
-        typer.echo(json.dumps(plan_summary_json(plan), indent=2))
+        typer.echo(_strict_json(plan_summary_json(plan)))
         return
     console = _out()
     console.print(_compile_summary(plan, progress.stage_s))
@@ -255,7 +264,7 @@ def inspect_cmd(
         from specontext_compiler.plot import write_plot
         written = write_plot(plan, plot)
     if as_json:
-        typer.echo(json.dumps(report.plan_summary_json(plan), indent=2))
+        typer.echo(_strict_json(report.plan_summary_json(plan)))
     else:
         console = _out()
         for part in report.render_report(plan):
@@ -298,7 +307,7 @@ def targets_cmd(
     from specontext_compiler.cost_models.target import list_targets, load_target
     targets = [load_target(name)] if name else [load_target(t) if isinstance(t, str) else t for t in list_targets()]
     if as_json:
-        typer.echo(json.dumps(_targets_json(targets), indent=2))
+        typer.echo(_strict_json(_targets_json(targets)))
         return
     console = _out()
     for table in _targets_tables(targets, with_sources=name is not None):
