@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from specontext_compiler import cli
 _spec = importlib.util.spec_from_file_location(
     "reliability_table", Path(__file__).resolve().parents[1] / "benchmarks" / "reliability_table.py")
 table = importlib.util.module_from_spec(_spec)
+sys.modules["reliability_table"] = table        # dataclasses look their module up while building
 _spec.loader.exec_module(table)
 
 CLI_CASES = [case for case in table.CASES if case.argv and not case.fresh and not case.as_nobody]
@@ -48,7 +50,14 @@ def test_api_case_raises_a_specontext_error(inputs, case):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root: the check runs the case as nobody")
-def test_an_unwritable_output_folder_is_refused_as_another_user(inputs):
-    case = next(c for c in table.CASES if c.as_nobody)
-    code, line = table.run_cli_case(case, inputs)
-    assert code == "exit 2" and line.startswith("error: ") and "not writable" in line
+def test_an_unwritable_output_folder_is_refused_as_another_user():
+    import shutil
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="specontext-nobody-"))   # pytest's own tmp is root-only
+    try:
+        case = next(c for c in table.CASES if c.as_nobody)
+        code, line = table.run_cli_case(case, table.make_inputs(folder, with_plan=False))
+        assert code == "exit 2" and line.startswith("error: ") and "not writable" in line, line
+        assert not (folder / "readonly" / "plan").exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
