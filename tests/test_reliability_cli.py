@@ -38,6 +38,7 @@ def test_cli_case_is_one_line_exit_2(inputs, case, monkeypatch):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.exit_code == 2, result.output
     assert len(errors) == 1 and "Traceback" not in result.output, result.stderr
+    assert case.expect and case.expect in errors[0], errors[0]
     assert not (inputs / "out").exists()
 
 
