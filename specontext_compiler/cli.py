@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 import sys
 import threading
@@ -102,8 +103,6 @@ def _global(debug: Annotated[bool, typer.Option(
     Example: specontext compile llama-3.1-8b --target a100 --max-len 128k -o plans/llama
     """
     _STATE["debug"] = debug
-    if not debug:                # a warning is one line too, like an error
-        warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
 
 
 # -- compile ------------------------------------------------------------------------------------
@@ -523,4 +522,6 @@ def distill_cmd(
 
 def main() -> None:
     """Console-script entry point (`specontext`, `python -m specontext_compiler`)."""
+    if not os.environ.get("SPECONTEXT_DEBUG"):        # a warning is one line too, like an error
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     app(prog_name="specontext")
