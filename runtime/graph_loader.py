@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from specontext_compiler.errors import PlanError
+from specontext_compiler.runtime.plan_integrity import spec_for_verified_source
 
 
 def load_graph(path: str | Path, record: dict) -> Callable:
@@ -24,7 +25,7 @@ def load_graph(path: str | Path, record: dict) -> Callable:
         raise PlanError(f"{path.name} does not match plan.json (sha256 {digest[:12]} != "
                         f"{str(record.get('sha256'))[:12]}); the file was changed: recompile the plan")
     module_name = f"specontext_decode_graph_{digest[:16]}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
+    spec = spec_for_verified_source(module_name, path, digest)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     expected = sum(1 for i in record.get("inputs", ()) if i.get("kind") in ("parameter", "buffer", "constant"))

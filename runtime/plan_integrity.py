@@ -9,6 +9,8 @@ edits, not against someone who rewrites the manifest on purpose (that needs a si
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import json
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -48,6 +50,31 @@ def verify_plan_files(directory: str | Path) -> list[str]:
             raise PlanError(f"{path} was changed after compilation (its sha256 differs from {MANIFEST_FILE}); "
                             "recompile the plan with `specontext compile`")
     return list(listing)
+
+
+def spec_for_verified_source(module_name: str, path: str | Path, sha256: str):
+    """An import spec that compiles exactly the bytes whose digest is sha256, never a __pycache__ copy.
+
+    A cached .pyc is trusted by Python on the source's size and mtime alone, so a planted one would
+    run in place of the checked file; and the file could change between the check and the import.
+    """
+    loader = _VerifiedSourceLoader(module_name, str(path), sha256)
+    return importlib.util.spec_from_file_location(module_name, str(path), loader=loader)
+
+
+class _VerifiedSourceLoader(importlib.machinery.SourceFileLoader):
+    def __init__(self, fullname: str, path: str, sha256: str):
+        super().__init__(fullname, path)
+        self.sha256 = sha256
+
+    def path_stats(self, path):
+        raise OSError("plan code is compiled from its checked source, not from a bytecode cache")
+
+    def get_data(self, path):
+        data = super().get_data(path)
+        if path == self.path and _sha256(data) != self.sha256:
+            raise PlanError(f"{path} changed while the plan was loading; recompile the plan with `specontext compile`")
+        return data
 
 
 def _read_manifest(directory: Path) -> dict[str, str]:

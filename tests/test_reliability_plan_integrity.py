@@ -140,3 +140,14 @@ def test_the_decode_graph_loader_refuses_a_blank_digest(compiled):
     plan = load_plan(compiled)
     with pytest.raises(PlanError, match="decode_graph.py does not match"):
         load_graph(compiled / "decode_graph.py", {**plan.graph, "sha256": ""})
+
+
+def test_plan_code_is_compiled_from_its_checked_bytes_never_from_a_bytecode_cache(plan_copy):
+    from specontext_compiler.runtime.graph_loader import load_graph
+    from specontext_compiler.runtime.plan_integrity import spec_for_verified_source
+    plan = load_plan(plan_copy)
+    load_graph(plan_copy / "decode_graph.py", plan.graph)
+    assert not (plan_copy / "__pycache__").exists()       # nothing written that a later load could read
+    spec = spec_for_verified_source("swapped_graph", plan_copy / "decode_graph.py", "0" * 64)
+    with pytest.raises(PlanError, match="changed while the plan was loading"):
+        spec.loader.exec_module(__import__("types").ModuleType("swapped_graph"))
