@@ -4,6 +4,7 @@ Hardware is data: built-in targets are TOML files in specontext_compiler/targets
 target is a TOML file with the same keys. No logic anywhere branches on a GPU's name.
 Bandwidths are decimal GB/s (1e9 bytes/s), memories are bytes.
 """
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -92,12 +93,14 @@ def _target_from_dict(data: dict, where: str) -> Target:
     for key in _MAY_BE_ZERO[1:]:
         values.setdefault(key, 0.0)
     try:
-        for key in _INT_KEYS:
-            values[key] = int(values[key])
-        for key in _FLOAT_KEYS:
+        for key in _FLOAT_KEYS + _INT_KEYS:
             values[key] = float(values[key])
-    except (TypeError, ValueError):
-        raise TargetError(f"{where}: {key} = {data[key]!r} is not a number; write e.g. {key} = 1.0e3")
+            if not math.isfinite(values[key]):      # nan passes `<= 0`; inf plans a GPU that cannot exist
+                raise TargetError(f"{where}: {key} = {data[key]!r} is not a finite number; write e.g. {key} = 1.0e3")
+            if key in _INT_KEYS:
+                values[key] = int(values[key])
+    except (TypeError, ValueError, OverflowError):
+        raise TargetError(f"{where}: {key} = {data[key]!r} is not a number; write e.g. {key} = 1.0e3") from None
     for key in _INT_KEYS + _FLOAT_KEYS:
         if values[key] <= 0 and key not in _MAY_BE_ZERO:
             raise TargetError(f"{where}: {key} must be positive, got {values[key]}")
@@ -112,13 +115,17 @@ def _target_from_dict(data: dict, where: str) -> Target:
             raise TargetError(f"{where}: {key} = {data[key]!r} is not a number; write a fraction such as 0.8")
         if not 0 < values[key] <= 1:
             raise TargetError(f"{where}: {key} must be in (0, 1], got {values[key]}")
-    values["aliases"] = tuple(str(a).lower() for a in values.get("aliases", ()))
     values["name"] = str(values["name"]).lower()
     unified = values.get("unified_memory", False)
     if isinstance(unified, str):   # from --set unified_memory=true
         unified = unified.strip().lower() in ("1", "true", "yes")
     values["unified_memory"] = bool(unified)
+    if not isinstance(values.get("sources", {}), dict):
+        raise TargetError(f"{where}: sources must be a table of figure = \"where it comes from\"")
+    if not isinstance(values.get("aliases", ()), (list, tuple)):
+        raise TargetError(f"{where}: aliases must be a list of names, e.g. aliases = [\"a100\"]")
     values["sources"] = {str(k): str(v) for k, v in values.get("sources", {}).items()}
+    values["aliases"] = tuple(str(a).lower() for a in values.get("aliases", ()))
     return Target(**values)
 
 
@@ -148,7 +155,13 @@ def load_target_file(path: str | Path) -> Target:
         raise TargetError(f"target file {path} does not exist; pass a built-in name "
                           f"({', '.join(list_targets())}) or a .toml path")
     except tomllib.TOMLDecodeError as exc:
-        raise TargetError(f"target file {path} is not valid TOML ({exc}); fix the syntax")
+        raise TargetError(f"target file {path} is not valid TOML ({exc}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise TargetError(f"target file {path} is not UTF-8 text; save it as UTF-8 TOML") from None
+    except IsADirectoryError:
+        raise TargetError(f"target file {path} is a directory; pass a .toml file") from None
+    except OSError as exc:
+        raise TargetError(f"target file {path} cannot be read ({exc.strerror}); check the path") from None
     return _target_from_dict(data, str(path))
 
 

@@ -70,6 +70,10 @@ class Workload:
             raise SpecontextError(
                 f"--budget {self.budget}, sinks {self.sink_tokens}, recent {self.recent_tokens}: "
                 "budget must be >= 1 and sinks/recent >= 0")
+        if self.budget > self.max_len:
+            raise SpecontextError(
+                f"--budget {self.budget} is larger than --max-len {self.max_len}: no sequence has that many "
+                f"tokens to select from; pass --budget {self.max_len} or less")
         if not 0.0 <= self.selection_overlap <= 1.0:
             raise SpecontextError(
                 f"selection overlap {self.selection_overlap} must lie in [0, 1] (a fraction of rows)")

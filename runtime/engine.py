@@ -18,6 +18,7 @@ from specontext_compiler.runtime import context, weights
 from specontext_compiler.runtime.decode_step import DecodeStep
 from specontext_compiler.runtime.graph_loader import load_graph
 from specontext_compiler.runtime.memory_manager import MemoryManager
+from specontext_compiler.runtime.request_validation import validate_bind_options, validate_requests
 from specontext_compiler.runtime.sampling import sample
 from specontext_compiler.runtime.step_context import StepContext
 
@@ -58,6 +59,7 @@ class Engine:
     @classmethod
     def from_plan(cls, plan, model, dlm=None, tokenizer=None, device=None, dtype=None,
                   batch: int | None = None, use_cuda_graph: bool = True) -> "Engine":
+        validate_bind_options(batch=batch)
         device = _pick_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         hf_model = weights.load_hf_model(model, dtype, device)
@@ -74,6 +76,8 @@ class Engine:
                  temperature: float = 0.0, top_p: float = 1.0, stream: StreamCallback | None = None,
                  stop_at_eos: bool = True, seed: int | None = None) -> list[Generation]:
         """Generate for every request (texts or token-id lists); greedy when temperature is 0."""
+        validate_requests(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          vocab_size=self.plan.model.get("vocab_size"), seed=seed, stream=stream)
         requests = [Generation(prompt_ids=self._encode(p)) for p in prompts]
         for index, request in enumerate(requests):
             need = len(request.prompt_ids) + max_new_tokens

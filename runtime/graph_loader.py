@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from specontext_compiler.errors import PlanError
+from specontext_compiler.runtime.plan_integrity import spec_for_verified_source
 
 
 def load_graph(path: str | Path, record: dict) -> Callable:
@@ -20,11 +21,11 @@ def load_graph(path: str | Path, record: dict) -> Callable:
     if not path.is_file():
         raise PlanError(f"the plan's decode graph {path} is missing; recompile the plan with `specontext compile`")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if record.get("sha256") and digest != record["sha256"]:
+    if digest != record.get("sha256"):      # a blank or missing digest is refused too
         raise PlanError(f"{path.name} does not match plan.json (sha256 {digest[:12]} != "
-                        f"{str(record['sha256'])[:12]}); the file was changed: recompile the plan")
+                        f"{str(record.get('sha256'))[:12]}); the file was changed: recompile the plan")
     module_name = f"specontext_decode_graph_{digest[:16]}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
+    spec = spec_for_verified_source(module_name, path, digest)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     expected = sum(1 for i in record.get("inputs", ()) if i.get("kind") in ("parameter", "buffer", "constant"))

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 from specontext_compiler.errors import PlanError
+from specontext_compiler.runtime.plan_integrity import spec_for_verified_source
 
 
 def load_plan_kernels(plan_dir, records: list[dict]) -> dict[str, ModuleType]:
@@ -25,15 +26,15 @@ def load_plan_kernels(plan_dir, records: list[dict]) -> dict[str, ModuleType]:
         if digest != record["sha256"]:
             raise PlanError(f"plan kernel {record['file']} does not match the sha256 in plan.json "
                             f"(edited or corrupted); recompile the plan")
-        modules[record["family"]] = _import(path, f"specontext_plan_kernels.{record['family']}_{digest[:16]}")
+        modules[record["family"]] = _import(path, f"specontext_plan_kernels.{record['family']}_{digest[:16]}", digest)
     return modules
 
 
-def _import(path: Path, name: str) -> ModuleType:
+def _import(path: Path, name: str, digest: str) -> ModuleType:
     """Import a file under a name unique to its content, so two plans can be loaded side by side."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = spec_for_verified_source(name, path, digest)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module   # Triton's @jit looks the source up through the module
     try:

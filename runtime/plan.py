@@ -14,6 +14,8 @@ from typing import Any
 
 from specontext_compiler.errors import PlanError
 from specontext_compiler.runtime.atomic_dir import DirectoryInUse, check_replaceable, publish_dir
+from specontext_compiler.runtime.plan_checks import check_plan, check_plan_data
+from specontext_compiler.runtime.plan_integrity import verify_plan_files
 
 SCHEMA_VERSION = (1, 0)
 PLAN_FILE = "plan.json"
@@ -70,9 +72,11 @@ class Plan:
 
     # -- serialization -----------------------------------------------------------------------
     def to_json(self) -> str:
+        """plan.json's text: strict JSON, so a NaN or infinity is refused here, naming its field."""
         data = asdict(self)
         data.pop("directory")
-        return json.dumps(data, indent=2, sort_keys=False)
+        check_plan_data(data, "the plan being written")
+        return json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
@@ -106,22 +110,30 @@ def _check_version(version: Any) -> None:
 
 
 def load_plan(directory: str | os.PathLike) -> Plan:
-    """Read and validate a plan directory written by `specontext compile`."""
+    """Read and validate a plan directory written by `specontext compile`.
+
+    Every file is checked against the plan's manifest and the numbers against each other
+    before anything is returned, so neither inspect nor bind reads a plan the compiler did not write.
+    """
     path = Path(directory)
     plan_file = path / PLAN_FILE
     if not plan_file.is_file():
         raise PlanError(f"{path} is not a plan directory (no {PLAN_FILE}); run `specontext compile` first")
     try:
-        data = json.loads(plan_file.read_text())
+        data = json.loads(plan_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PlanError(f"{plan_file} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); "
                         "the plan is corrupted, recompile it") from None
     if not isinstance(data, dict):
         raise PlanError(f"{plan_file} is not a plan object; the plan is corrupted, recompile it")
+    _check_version(data.get("schema_version"))     # first: a newer plan may have another manifest
+    listed = verify_plan_files(path)
+    check_plan_data(data, str(plan_file))
     try:
         plan = Plan.from_dict(data)
-    except (TypeError, KeyError) as exc:
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise PlanError(f"{plan_file} does not match the plan schema ({exc}); recompile the plan") from None
+    check_plan(plan, str(plan_file), set(listed))
     plan.directory = path
     return plan
 

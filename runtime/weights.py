@@ -6,6 +6,7 @@ imported only here, inside functions: the runtime package itself stays import-li
 """
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import torch
@@ -31,8 +32,17 @@ def load_hf_model(model, dtype: torch.dtype, device: torch.device):
     if path.suffix == ".gguf":
         kwargs["gguf_file"] = path.name
         path = path.parent
-    loaded = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, struct.error) as exc:    # no weights, a truncated GGUF, a bad config
+        raise ModelError(f"cannot load weights from {model}: {_first_words(exc)}; binding needs the model's "
+                         "weights (a Hugging Face directory with model.safetensors, or a .gguf file)") from exc
     return loaded.to(device).eval()
+
+
+def _first_words(exc: Exception, limit: int = 200) -> str:
+    """transformers' messages span lines; the CLI shows one."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
 def check_model_matches(plan_model: dict, config) -> None:

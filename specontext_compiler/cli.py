@@ -9,14 +9,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -25,7 +28,36 @@ from rich.text import Text
 from specontext_compiler.errors import SpecontextError
 from specontext_compiler.sizes import parse_tokens
 
-app = typer.Typer(help="SpeContext ahead-of-time compiler: plan KV residency for long-context decoding, "
+try:                        # typer >= 0.22 carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:         # pragma: no cover - older typer runs on click itself
+    from click import exceptions as click_exceptions
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """typer's usage errors (a missing argument, --budget 0) as one stderr line, like every other
+    error, instead of the multi-line box typer draws."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_exceptions.NoArgsIsHelpError:
+            sys.exit(2)                      # typer already printed the help
+        except click_exceptions.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                Text("error: ", style="bold red") + Text(" ".join(exc.format_message().split()) + hint))
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            Console(stderr=True).print("aborted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, help="SpeContext ahead-of-time compiler: plan KV residency for long-context decoding, "
                        "inspect plans, run them.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False)
 _STATE = {"debug": False}
@@ -118,6 +150,15 @@ class _StageProgress:
                 self._progress.stop()
 
 
+def _strict_json(data: Any) -> str:
+    """JSON other programs can parse: a NaN or infinity is an error, never written as `NaN`."""
+    try:
+        return json.dumps(data, indent=2, allow_nan=False)
+    except ValueError:
+        raise SpecontextError("the result holds a number that is not finite (NaN or infinity); "
+                              "check the target's figures and the options, then recompile") from None
+
+
 def _parse_batch(text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
@@ -169,7 +210,7 @@ def compile_cmd(
     max_len: Annotated[str, typer.Option("--max-len", metavar="TOKENS", help="Longest sequence to plan for, in tokens; accepts 131072, 128k, 1M (k = 1024).")] = "128k",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Plan directory to write; only a specontext plan (or an empty directory) is replaced. Default: plans/<model>-<target>.")] = None,
     batch: Annotated[str, typer.Option("--batch", metavar="N|auto", help="Concurrent requests: a positive integer, or 'auto' for the largest that fits.")] = "1",
-    budget: Annotated[int, typer.Option("--budget", min=1, metavar="TOKENS", help="Selected KV tokens per layer per step (the paper's B), in tokens.")] = 2048,
+    budget: Annotated[Optional[int], typer.Option("--budget", min=1, metavar="TOKENS", help="Selected KV tokens per layer per step (the paper's B), in tokens; at most --max-len. Default: 2048, or --max-len if smaller.")] = None,
     sinks: Annotated[int, typer.Option("--sinks", min=0, metavar="TOKENS", help="Leading sink tokens always attended, in tokens.")] = 1,
     recent: Annotated[int, typer.Option("--recent", min=0, metavar="TOKENS", help="Most recent tokens always attended, in tokens.")] = 16,
     dlm: Annotated[Optional[str], typer.Option("--dlm", metavar="DLM", help="Distilled model (directory or GGUF) or a retrieval-head .safetensors file: the head that does retrieval.")] = None,
@@ -193,7 +234,7 @@ def compile_cmd(
                              prompt_len=prompt_tokens, selection_overlap=selection_overlap, progress=progress)
     if as_json:
         from specontext_compiler.report import plan_summary_json
-        typer.echo(json.dumps(plan_summary_json(plan), indent=2))
+        typer.echo(_strict_json(plan_summary_json(plan)))
         return
     console = _out()
     console.print(_compile_summary(plan, progress.stage_s))
@@ -215,6 +256,9 @@ def inspect_cmd(
     """
     from specontext_compiler import report
     from specontext_compiler.runtime.plan import load_plan
+    if plot is not None:
+        from specontext_compiler.plot import check_plot_path
+        check_plot_path(plot)            # before loading and drawing anything
     plan = load_plan(plan_dir)
     if selection_overlap is not None:
         from specontext_compiler.cost_models.plan_prediction import repriced
@@ -223,7 +267,7 @@ def inspect_cmd(
         from specontext_compiler.plot import write_plot
         written = write_plot(plan, plot)
     if as_json:
-        typer.echo(json.dumps(report.plan_summary_json(plan), indent=2))
+        typer.echo(_strict_json(report.plan_summary_json(plan)))
     else:
         console = _out()
         for part in report.render_report(plan):
@@ -273,7 +317,7 @@ def targets_cmd(
     from specontext_compiler.cost_models.target import list_targets, load_target
     targets = [load_target(name)] if name else [load_target(t) if isinstance(t, str) else t for t in list_targets()]
     if as_json:
-        typer.echo(json.dumps(_targets_json(targets), indent=2))
+        typer.echo(_strict_json(_targets_json(targets)))
         return
     console = _out()
     for table in _targets_tables(targets, with_sources=name is not None):
@@ -389,6 +433,9 @@ def eval_cmd(
     if length:
         options["lengths"] = [parse_tokens(text, "--length") for text in length]
     if budget:
+        bad = [b for b in budget if b < 1]
+        if bad:
+            raise SpecontextError(f"--budget {bad[0]} must be a positive number of selected tokens")
         options["budgets"] = budget
     options.update(passkey_question=question, passkey_keys=keys)
     result = runner.run_eval_for_plan(plan_dir, task, **options)
@@ -508,4 +555,6 @@ def distill_cmd(
 
 def main() -> None:
     """Console-script entry point (`specontext`, `python -m specontext_compiler`)."""
+    if not os.environ.get("SPECONTEXT_DEBUG"):        # a warning is one line too, like an error
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     app(prog_name="specontext")

@@ -6,6 +6,7 @@ so far)`, so the CLI can show rich progress; the plan is written atomically at t
 """
 from __future__ import annotations
 
+import os
 import platform
 import re
 import time
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from specontext_compiler import __version__
+from specontext_compiler.errors import PlanError, SpecontextError
 from specontext_compiler.runtime.plan import (SCHEMA_VERSION, Plan, PrefetchSlot, Segment, check_plan_output,
                                               write_plan_dir)
+from specontext_compiler.runtime.plan_integrity import plan_manifest
 from specontext_compiler.sizes import parse_tokens
 
 Progress = Callable[[str, float], None]
@@ -24,11 +27,14 @@ HEAD_FILE = "retrieval_head.safetensors"
 
 
 def compile_model(model: str, target: str = "a100", max_len: int | str = "128k", *,
-                  batch: int | str = 1, budget: int = 2048, sink_tokens: int = 1,
+                  batch: int | str = 1, budget: int | None = None, sink_tokens: int = 1,
                   recent_tokens: int = 16, out: str | Path | None = None, dlm: str | None = None,
                   target_file: str | None = None, prompt_len: int | str | None = None,
                   selection_overlap: float = 0.8, progress: Progress | None = None) -> Plan:
-    """Compile a plan for serving MODEL on TARGET up to max_len tokens; write it to `out`."""
+    """Compile a plan for serving MODEL on TARGET up to max_len tokens; write it to `out`.
+
+    budget: selected KV tokens per layer per step; None is DEFAULT_BUDGET, or max_len if shorter.
+    """
     from specontext_compiler import models
     from specontext_compiler.cost_models.ilp import plan_residency
     from specontext_compiler.cost_models.target import load_target, load_target_file
@@ -40,9 +46,11 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     spec = models.spec_from_config(source.config, source.name)
     max_len_tokens = parse_tokens(max_len, "--max-len")
     models.check_max_len(spec, max_len_tokens)
+    budget = _budget(budget, max_len_tokens)
     hw = load_target_file(target_file) if target_file else load_target(target)
     out_dir = Path(out) if out else default_plan_dir(source.name, hw.name)
     check_plan_output(out_dir)          # refuse a path that is not ours before any slow work
+    _check_writable_parent(out_dir)
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len else _default_prompt(max_len_tokens)
 
     clock.stage("retrieval head")       # before the ILP (its size is costed) and the passes (taps)
@@ -89,7 +97,8 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     clock.stage("write")
     from specontext_compiler.report import render_report_markdown
     files["report.md"] = render_report_markdown(plan)
-    write_plan_dir(plan, out_dir, files)
+    files.update(plan_manifest(plan.to_json(), files))
+    write_plan_dir(plan, out_dir, files)     # an OSError there becomes a one-line PlanError
     clock.stage("done")
     return plan
 
@@ -109,13 +118,37 @@ class _Clock:
             self.progress(name, time.perf_counter() - self.start)
 
 
+DEFAULT_BUDGET = 2048
+
+
+def _budget(budget: int | None, max_len: int) -> int:
+    """The budget to plan for: the user's (checked by Workload) or the default, capped at max_len."""
+    if budget is None:
+        return min(DEFAULT_BUDGET, max_len)
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise SpecontextError(f"--budget {budget!r} is not a whole number of tokens")
+    return budget
+
+
+def _check_writable_parent(out_dir: Path) -> None:
+    """Refuse an -o whose folder cannot be created or written, before any work is done."""
+    existing = out_dir.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PlanError(f"-o {out_dir}: {existing} is a file, so no directory can be made under it; "
+                        "choose another -o directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PlanError(f"-o {out_dir}: {existing} is not writable (permissions or a read-only file system); "
+                        "choose another -o directory")
+
+
 def _default_prompt(max_len: int) -> int:
     """Without --prompt-len, plan for prompts of 1/16 of max-len (at least 1 token)."""
     return max(1, min(2048, max_len // 16))
 
 
 def _parse_batch(batch: int | str) -> int | str:
-    from specontext_compiler.errors import SpecontextError
     if isinstance(batch, int) or str(batch) == "auto":
         return batch if isinstance(batch, int) else "auto"
     try:

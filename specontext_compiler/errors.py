@@ -31,3 +31,7 @@ class ModelMismatchError(SpecontextError):
 
 class RuntimeResourceError(SpecontextError):
     """Out of GPU or pinned host memory, or a request longer than the plan allows."""
+
+
+class RequestError(SpecontextError, ValueError):
+    """A generate() request or bind() option the engine cannot serve: bad token ids or sampling options."""

@@ -66,12 +66,23 @@ def _load_config(directory: Path, gguf_file: str | None = None):
     try:
         config = AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file) if gguf_file \
             else AutoConfig.from_pretrained(str(directory))
-    except (ValueError, KeyError, OSError, ImportError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot read the model config {where}: {first_line}; "
-                         "give a Hugging Face config.json or a GGUF file transformers can read") from None
+    except Exception as exc:    # noqa: BLE001 - a user's file: transformers' parsers and validators raise
+        # anything from ValueError to struct.error (a truncated GGUF) or ZeroDivisionError (0 heads)
+        raise ModelError(f"cannot read the model config {where}: {_config_problem(exc)}; "
+                         "give a Hugging Face config.json or a GGUF file transformers can read") from exc
     _check_supported(config, str(where))
     return config
+
+
+def _config_problem(exc: Exception) -> str:
+    """One line saying what transformers found wrong with a config (its messages span lines)."""
+    import struct
+    detail = " ".join(str(exc).split())[:240] or type(exc).__name__
+    if isinstance(exc, struct.error):
+        return f"the file is truncated or not GGUF ({detail})"
+    if isinstance(exc, ArithmeticError):
+        return f"a head or layer count is zero ({detail})"
+    return detail
 
 
 def _check_supported(config, where: str) -> None:
@@ -82,6 +93,32 @@ def _check_supported(config, where: str) -> None:
     if getattr(config, "is_encoder_decoder", False) or not class_name.endswith("ForCausalLM"):
         raise ModelError(f"{where}: model type {model_type!r} is not a decoder-only causal LM that "
                          "specontext supports; use a Llama/Qwen/Mistral/DeepSeek-style model")
+    _check_shape(config, where, model_type)
+
+
+_POSITIVE_FIELDS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size",
+                    "max_position_embeddings")
+
+
+def _check_shape(config, where: str, model_type) -> None:
+    """Refuse a config whose sizes no attention decoder can have (the planner divides by them)."""
+    for name in _POSITIVE_FIELDS:
+        value = getattr(config, name, None)
+        if value is None:
+            raise ModelError(f"{where}: model type {model_type!r} has no {name} in its config; specontext "
+                             "plans Llama/Qwen/Mistral/DeepSeek-style attention decoders")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"{where}: {name} = {value!r} must be a positive integer; fix the config")
+    if getattr(config, "kv_lora_rank", None):
+        return                          # MLA: one latent per token, no KV-head grouping
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise ModelError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                         f"{kv_heads}; grouped-query attention needs whole groups, fix the config")
+    if not getattr(config, "head_dim", None) and config.hidden_size % heads:
+        raise ModelError(f"{where}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                         f"{heads} and no head_dim is given; fix the config")
 
 
 def build_meta_model(config, dtype=None):

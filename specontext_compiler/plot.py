@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from specontext_compiler.errors import SpecontextError
 from specontext_compiler.report import _NOT_COMPONENTS, GIB, _is_stall, _memory_components, _stalls, \
     _timeline_caption, _timeline_events, format_tokens
 from specontext_compiler.runtime.plan import Plan
@@ -17,6 +18,7 @@ from specontext_compiler.runtime.plan import Plan
 
 def write_plot(plan: Plan, path: str | Path) -> Path:
     """Write a two-panel PNG of the plan to path (parent dirs created); returns the path."""
+    out = check_plot_path(path)
     import matplotlib
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
@@ -28,10 +30,29 @@ def write_plot(plan: Plan, path: str | Path) -> Path:
                  f"max len {format_tokens(int(plan.workload.get('max_len', 0)))}, "
                  f"batch {plan.workload.get('batch')}, budget {plan.workload.get('budget')}")
     fig.tight_layout()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110, format="png")
+    except OSError as exc:
+        raise SpecontextError(f"cannot write the plot {out}: {exc.strerror or exc}; choose another --plot path") from exc
+    finally:
+        plt.close(fig)
+    return out
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """The PNG path as given; refused if it is a directory or names another format
+    (matplotlib would otherwise add .png to a bare name or write another format)."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    if out.is_dir():
+        raise SpecontextError(f"--plot {out} is a directory; give a file name such as {out / 'plan.png'}")
+    if out.suffix.lower() != ".png":
+        raise SpecontextError(f"--plot {out}: the plot is a PNG, name it {out.with_suffix('.png').name}")
+    existing = out.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SpecontextError(f"--plot {out}: {existing} is a file, so no folder can be made under it")
     return out
 
 

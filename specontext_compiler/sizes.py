@@ -14,7 +14,7 @@ def parse_tokens(text: str | int, what: str = "--max-len") -> int:
         digits = raw[:-1] if raw[-1:] in _SUFFIX else raw
         try:
             value = int(float(digits) * scale) if digits else -1
-        except ValueError:
+        except (ValueError, OverflowError):     # 'abc', 'nan', 'inf', '1e400'
             value = -1
         if digits and "." in digits and scale == 1:
             value = -1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import struct
 from pathlib import Path
 
 from specontext_compiler.errors import ModelError
@@ -104,6 +105,19 @@ def load_causal_lm(source: str | os.PathLike = "smollm2", *, dtype=None, device=
         if not (cache_dir / "model.safetensors").is_file():
             _convert_gguf(directory, gguf_file, cache_dir)
         directory = cache_dir
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    from specontext_compiler.errors import ModelError
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelError(f"cannot load the model {source}: {_one_line(exc)}; give a Hugging Face directory "
+                         "with its weights, or a .gguf file") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{source} has no tokenizer that transformers can load; put the model's tokenizer "
+                         "files (tokenizer.json, tokenizer_config.json) beside its weights") from exc
     return model.to(device).eval(), tokenizer, directory
+
+
+def _one_line(exc: Exception, limit: int = 160) -> str:
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__

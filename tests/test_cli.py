@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 
 from specontext_compiler import cli
 from specontext_compiler.errors import PlanError, TargetError
-from specontext_compiler.runtime.plan import Plan, load_plan, write_plan_dir
+from specontext_compiler.runtime.plan import Plan, load_plan
+from specontext_compiler.runtime.plan import write_plan_dir as _write_plan_dir
+from specontext_compiler.runtime.plan_integrity import plan_manifest
+
+
+def write_plan_dir(plan, directory, files):
+    """Write a plan as the driver does: the files plus the manifest over them and plan.json."""
+    return _write_plan_dir(plan, directory, {**files, **plan_manifest(plan.to_json(), files)})
 
 _spec = importlib.util.spec_from_file_location("_plan_fixture", Path(__file__).with_name("test_report.py"))
 _fixture = importlib.util.module_from_spec(_spec)
@@ -82,7 +89,7 @@ def fake_driver(monkeypatch):
         for stage in ("load model", "plan (ILP)", "export", "passes", "codegen", "write"):
             progress(stage, 0.0)
         plan = make_plan(max_len=max_len)
-        write_plan_dir(plan, out, {})
+        write_plan_dir(plan, out, {"decode_graph.py": "# graph\n"})
         return plan
 
     monkeypatch.setattr(driver, "compile_model", compile_model)

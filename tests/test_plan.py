@@ -4,8 +4,14 @@ import json
 import pytest
 
 from specontext_compiler.errors import PlanError
-from specontext_compiler.runtime.plan import (SCHEMA_VERSION, Plan, PrefetchSlot, Segment, load_plan,
-                                              write_plan_dir)
+from specontext_compiler.runtime.plan import SCHEMA_VERSION, Plan, PrefetchSlot, Segment, load_plan
+from specontext_compiler.runtime.plan import write_plan_dir as _write_plan_dir
+from specontext_compiler.runtime.plan_integrity import plan_manifest
+
+
+def write_plan_dir(plan, directory, files):
+    """Write a plan as the driver does: the files plus the manifest over them and plan.json."""
+    return _write_plan_dir(plan, directory, {**files, **plan_manifest(plan.to_json(), files)})
 
 
 def make_plan() -> Plan:
@@ -54,13 +60,13 @@ def test_missing_directory_is_a_plan_error(tmp_path):
 
 def test_failed_write_leaves_no_partial_plan(tmp_path):
     with pytest.raises(TypeError):
-        write_plan_dir(make_plan(), tmp_path / "p", {"bad": 12345})   # not str/bytes
+        _write_plan_dir(make_plan(), tmp_path / "p", {"bad": 12345})   # not str/bytes
     assert not (tmp_path / "p").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_rewrite_replaces_an_existing_plan_whole(tmp_path):
-    write_plan_dir(make_plan(), tmp_path / "p", {"old.txt": "x"})
-    write_plan_dir(make_plan(), tmp_path / "p", {"new.txt": "y"})
+    _write_plan_dir(make_plan(), tmp_path / "p", {"old.txt": "x"})
+    _write_plan_dir(make_plan(), tmp_path / "p", {"new.txt": "y"})
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["new.txt", "plan.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["p"]

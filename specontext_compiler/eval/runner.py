@@ -66,6 +66,9 @@ def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), 
         raise SpecontextError(f"passkey question mode {passkey_question!r} is unknown; choose from {QUESTION_MODES}")
     if passkey_keys < 1:
         raise SpecontextError(f"passkey keys per depth {passkey_keys} must be a positive integer")
+    for budget in (*budgets, *passkey_budgets):
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise SpecontextError(f"budget {budget!r} must be a positive number of selected tokens")
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, hf_dir = load_causal_lm(model_dir_or_gguf)

@@ -8,11 +8,19 @@ from specontext_compiler.eval import runner
 
 
 def _plan(tmp_path, source, head=None):
-    data = {"schema_version": [1, 0], "producer": {}, "model": {"source": source} if source else {},
-            "target": {}, "workload": {"budget": 1024, "sink_tokens": 4, "recent_tokens": 32},
-            "retrieval_head": head or {"source": "self", "layer": 2}, "segments": [], "schedule": [],
-            "prediction": {}, "solver": {}, "graph": {}}
+    """A minimal consistent plan directory, sealed by its manifest as the compiler seals one."""
+    from specontext_compiler.runtime.plan_integrity import plan_manifest
+    data = {"schema_version": [1, 0], "producer": {}, "model": {"num_layers": 1, **({"source": source} if source else {})},
+            "target": {}, "workload": {"max_len": 2048, "batch": 1, "budget": 1024, "sink_tokens": 4,
+                                       "recent_tokens": 32},
+            "retrieval_head": head or {"source": "self", "layer": 2},
+            "segments": [{"from_len": 0, "to_len": 2048, "gpu_layers": [0], "offloaded_layers": []}],
+            "schedule": [], "prediction": {}, "solver": {}, "graph": {}}
+    files = {head["file"]: b"head"} if head and head.get("file") else {}
+    for rel, content in files.items():
+        (tmp_path / rel).write_bytes(content)
     (tmp_path / "plan.json").write_text(json.dumps(data))
+    (tmp_path / "manifest.json").write_text(plan_manifest(json.dumps(data), files)["manifest.json"])
     return tmp_path
 
 
