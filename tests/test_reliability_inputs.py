@@ -129,9 +129,10 @@ def test_a_failed_plan_write_is_one_line(tmp_path, monkeypatch):
     import errno
 
     from specontext_compiler import driver
+    from specontext_compiler.runtime import plan as plan_module
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
-    monkeypatch.setattr(driver, "write_plan_dir", read_only)
+    monkeypatch.setattr(plan_module, "publish_dir", read_only)    # where the directory is written
     with pytest.raises(PlanError, match="cannot write the plan .*Read-only file system"):
         driver.compile_model("tiny-llama", target="h100", max_len=256, budget=64, out=tmp_path / "p")
