@@ -31,3 +31,7 @@ class ModelMismatchError(SpecontextError):
 
 class RuntimeResourceError(SpecontextError):
     """Out of GPU or pinned host memory, or a request longer than the plan allows."""
+
+
+class RequestError(SpecontextError):
+    """A serving request that cannot be served as given (empty, too long, bad sampling parameters)."""

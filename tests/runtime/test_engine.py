@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from specontext_compiler import compile_model, load_plan
-from specontext_compiler.errors import ModelMismatchError, RuntimeResourceError
+from specontext_compiler.errors import ModelMismatchError, RequestError, RuntimeResourceError
 from specontext_compiler.models import load_preset_config
 from specontext_compiler.runtime.plan import Segment
 
@@ -73,7 +73,7 @@ def test_sparse_budget_keeps_real_model_logits_close(tmp_path):
 
 def test_prompt_longer_than_max_len_is_refused_and_engine_stays_usable(tiny_model, dense_plan):
     engine = dense_plan.bind(tiny_model, device="cpu")
-    with pytest.raises(RuntimeResourceError, match="max-len is 512"):
+    with pytest.raises(RequestError, match="request 0: .*max-len is 512"):
         engine.generate([[5] * 600], max_new_tokens=4)
     assert len(engine.generate([[5, 6, 7]], max_new_tokens=3, stop_at_eos=False)[0].token_ids) == 3
 
