@@ -114,7 +114,7 @@ class Engine:
         """Text deltas of one request as they are generated (SamplingParams fields as keywords)."""
         deltas: deque[str] = deque()
         request = self.scheduler.add(self._encode(prompt), params or SamplingParams(**fields),
-                                     lambda _request, _token, delta: deltas.append(delta))
+                                     lambda _request, _token, delta, _reason: deltas.append(delta))
         try:
             while deltas or not request.finished:
                 if deltas:
@@ -215,7 +215,7 @@ def _index_callback(stream: StreamCallback | None, index: int):
     """The scheduler's on_output for generate()'s stream(request index, token id)."""
     if stream is None:
         return None
-    return lambda _request, token, _delta: stream(index, token)
+    return lambda _request, token, _delta, _reason: stream(index, token)
 
 
 def _pick_device(device) -> torch.device:

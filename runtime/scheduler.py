@@ -27,8 +27,9 @@ from specontext_compiler.errors import RequestError
 from specontext_compiler.runtime.detokenizer import TextStream
 from specontext_compiler.runtime.sampling_params import SamplingParams, SlotSampling
 
-# on_output(request, token_id, text_delta): called as each token is handed to its request.
-OutputCallback = Callable[["Request", int, str], None]
+# on_output(request, token_id, text_delta, finish_reason): as each token is handed to its request;
+# finish_reason is None until the last one.
+OutputCallback = Callable[["Request", int, str, "str | None"], None]
 
 
 @dataclass(eq=False)
@@ -201,7 +202,7 @@ class Scheduler:
             request.text.finish()
         if request.on_output is not None:
             delta = request.text.delta(final=reason is not None) if request.text is not None else ""
-            request.on_output(request, token, delta)
+            request.on_output(request, token, delta, reason)
         return reason
 
     def _finish(self, request: Request, reason: str) -> None:

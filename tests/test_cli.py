@@ -20,7 +20,7 @@ _spec.loader.exec_module(_fixture)
 make_plan = _fixture.make_plan
 
 runner = CliRunner()
-COMMANDS = ["compile", "inspect", "targets", "run", "eval", "distill"]
+COMMANDS = ["compile", "inspect", "targets", "run", "serve", "eval", "distill"]
 
 
 def invoke(*args: str, **kwargs):
@@ -287,3 +287,54 @@ def test_selection_overlap_reaches_the_plan_and_bad_values_exit_2(tmp_path):
     assert load_plan(out).workload["selection_overlap"] == 0.15
     bad = invoke("compile", "tiny-llama", "--max-len", "2k", "--selection-overlap", "1.5", "-o", str(tmp_path / "x"))
     assert bad.exit_code == 2 and "selection overlap 1.5" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_run_defaults_to_the_plans_source_and_wraps_chat(plan_dir, tmp_path, monkeypatch):
+    import dataclasses as dc
+
+    from specontext_compiler.runtime import plan as plan_module
+    source = tmp_path / "weights"
+    source.mkdir()
+    real_load = plan_module.load_plan
+
+    def with_source(directory):
+        loaded = real_load(directory)
+        return dc.replace(loaded, model={**loaded.model, "source": str(source)})
+
+    bound, seen = {}, {}
+
+    class ChatTokenizer:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<user>{messages[0]['content']}<assistant>"
+
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    class FakeEngine:
+        tokenizer = ChatTokenizer()
+
+        def generate(self, prompts, max_new_tokens, temperature, top_p, stream):
+            seen["prompts"] = prompts
+            return [type("Generation", (), {"text": "ok", "token_ids": [1]})()]
+
+    monkeypatch.setattr(plan_module, "load_plan", with_source)
+    monkeypatch.setattr(Plan, "bind", lambda self, model, dlm=None, **kw: bound.update(model=model) or FakeEngine())
+    result = invoke("run", str(plan_dir), "--prompt", "Hi", "--chat", "--no-stream")
+    assert result.exit_code == 0, result.output
+    assert bound["model"] == str(source) and seen["prompts"] == ["<user>Hi<assistant>"]
+
+
+def test_run_without_model_on_a_plan_with_no_source_says_pass_model(plan_dir):
+    assert_one_line_error(invoke("run", str(plan_dir), "--prompt", "Hi"), "records no model source", "--model")
+
+
+def test_serve_passes_its_options(plan_dir, monkeypatch):
+    from specontext_compiler import serve as serve_module
+    got = {}
+    monkeypatch.setattr(serve_module, "serve", lambda plan, model, host, port, dlm=None: got.update(
+        plan=plan, model=model, host=host, port=port))
+    result = invoke("serve", str(plan_dir), "--port", "8123", "--host", "0.0.0.0")
+    assert result.exit_code == 0, result.output
+    assert got == {"plan": plan_dir, "model": None, "host": "0.0.0.0", "port": 8123}
