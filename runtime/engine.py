@@ -258,10 +258,15 @@ def _check_feature_layers(info: dict, head) -> None:
 def _build_context(plan, head, batch, device, dtype) -> StepContext:
     from specontext_compiler.cost_models.model_spec import ModelSpec
     from specontext_compiler.runtime.kernel_set import kernels_for
+    from specontext_compiler.runtime import memory_check, selection
     spec = ModelSpec.from_dict(plan.model)
     work = plan.workload
     slots = batch or int(work["batch"])
     first = plan.segment_for(1)
+    width = selection.selection_width(int(work["budget"]), int(work.get("sink_tokens", 1)),
+                                      int(work.get("recent_tokens", 0)))
+    groups = selection.selection_groups(spec.num_heads, spec.num_kv_heads, work.get("level", "head"))
+    memory_check.check_fits(slots, memory_check.slot_bytes(plan, spec, width, groups, head, dtype), device)
     try:
         return StepContext.for_model(
             spec, slots, int(work["max_len"]), int(work["budget"]), int(work.get("sink_tokens", 1)),
