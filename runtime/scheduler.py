@@ -146,7 +146,7 @@ class Scheduler:
         """One decode step for the decoding slots; returns the sampled ids [S, 1] and their owners."""
         decoding = [r is not None and r.decoding for r in self.slots]
         if not any(decoding):
-            return self._ids, {}
+            return self._ids.clone(), {}    # the host copy of _ids may still be reading it
         longest = max(r.cached if r is not None else idle for r, idle in zip(self.slots, self._idle_len))
         logits = self.engine.decode(self._ids, decoding, longest)
         ids = self.sampling.sample(logits[:, -1], slice(0, len(self.slots))).view(-1, 1)
