@@ -161,3 +161,28 @@ def test_stream_gives_text_deltas_and_stops_at_a_stop_string(tiny_model, plan):
     assert "".join(deltas) == text[:cut] and len(deltas) >= 2
     result = engine.generate([[70, 71]], max_new_tokens=12, stop_at_eos=False, stop=[stop])[0]
     assert result.text == text[:cut] and result.finish_reason == "stop"
+
+
+@pytest.mark.gpu
+def test_gpu_scheduler_with_cuda_graph_matches_the_cpu(tiny_model, alone, plan):
+    """On the GPU: captured decode steps over slots that join, prefill in chunks and end at
+    different times, tokens read back one step late through the pinned buffer, sampled on device."""
+    import copy
+    engine = plan.bind(copy.deepcopy(tiny_model), device="cuda", dtype=torch.float32, batch=3)
+    engine.prefill_chunk = 8
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (5, 30, 9, 17, 4)]
+    lengths = [14, 3, 9, 6, 11]
+    scheduler = engine.scheduler
+    requests = [scheduler.add(p, greedy(n)) for p, n in zip(prompts[:2], lengths[:2])]
+    for _ in range(4):
+        scheduler.step()
+    requests += [scheduler.add(p, greedy(n)) for p, n in zip(prompts[2:], lengths[2:])]
+    while scheduler.has_work():
+        scheduler.step()
+    assert engine.step.captures >= 1
+    for prompt, n, request in zip(prompts, lengths, requests):
+        assert request.token_ids == alone(prompt, n)
+    seeded = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, top_k=30, seed=4, ignore_eos=True)
+    on_gpu = engine.generate([[4, 5, 6]], max_new_tokens=6, temperature=0.8, top_p=0.9, top_k=30, seed=4,
+                             stop_at_eos=False)[0].token_ids
+    assert len(on_gpu) == seeded.max_tokens
