@@ -184,7 +184,7 @@ class Engine:
         ids = torch.tensor(list(chunk), dtype=torch.long, device=self.device).view(1, -1)
         self.memory.before_step(start + ids.shape[1] - 1)
         positions = torch.arange(start, start + ids.shape[1], device=self.device).view(1, -1)
-        self.ctx.begin(ids, positions, slot_start=slot)
+        self.ctx.begin(ids, positions, slot_start=slot, host_starts=[start])
         logits = self._forward(ids, positions)
         self.ctx.end()
         return logits[0, -1]
