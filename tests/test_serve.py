@@ -167,6 +167,26 @@ def test_malformed_json_and_chat_without_messages_are_400(served):
     assert httpx.get(url + "/health").json() == {"status": "ok"}
 
 
+def test_a_step_that_fails_ends_its_requests_with_an_error_and_the_server_serves_on(served, monkeypatch):
+    url, _, _, app = served
+    engine = app.state.loop.engine
+    real_decode, calls = engine.decode, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode", fails_once)
+    reply = complete(url, prompt="abc", max_tokens=4, temperature=0)
+    assert reply.status_code == 500 and reply.json()["error"]["message"] == (
+        "RuntimeError: CUDA error: an illegal memory access was encountered")
+    again = complete(url, prompt="abc", max_tokens=4, temperature=0, ignore_eos=True)
+    assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
+    assert httpx.get(url + "/metrics").json()["failed_steps"] == 1
+
+
 def test_shutdown_stops_the_server_and_the_serving_thread(served):
     url, _, server, app = served
     loop = app.state.loop
