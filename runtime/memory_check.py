@@ -17,8 +17,11 @@ import torch
 from specontext_compiler.errors import RuntimeResourceError
 
 GIB = 1024 ** 3
-# Prefill activations, the sampled logits and allocator slack live outside the KV store.
-DEVICE_RESERVE_FRACTION = 0.05
+# Prefill activations, the sampled logits and allocator slack live outside the KV store. The GPU
+# reserve is small on purpose: free memory is read after the weights and the CUDA context are in,
+# and the plan's own memory model already kept its reserve; this check is for batches far too
+# large (a store of 100 GB on a 16 GB machine), the memory manager reports a near miss later.
+DEVICE_RESERVE_BYTES = 512 * 1024 ** 2
 HOST_RESERVE_FRACTION = 0.10
 
 
@@ -54,7 +57,7 @@ def check_fits(slots: int, need: SlotBytes, device: torch.device) -> None:
     """Raise RuntimeResourceError, naming the largest batch that fits, if `slots` do not."""
     host_free = _host_available_bytes() * (1 - HOST_RESERVE_FRACTION)
     if device.type == "cuda":
-        device_free = torch.cuda.mem_get_info(device)[0] * (1 - DEVICE_RESERVE_FRACTION)
+        device_free = max(0, torch.cuda.mem_get_info(device)[0] - DEVICE_RESERVE_BYTES)
         per_host, per_device = need.host, need.device
     else:                           # the CPU reference path keeps "device" tensors in host memory too
         device_free, per_host, per_device = float("inf"), need.host + need.device, 0
