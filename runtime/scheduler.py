@@ -5,8 +5,8 @@ Every step() of the scheduler
      of the plan's max-len each, checked against the machine's memory then, so any mix of lengths
      up to max-len fits the plan's memory model once admitted),
   2. launches one decode step for every slot whose request is decoding,
-  3. runs prefill chunks of admitted requests, up to `prefill_tokens` tokens, so a long prompt is
-     spread over several steps instead of stalling the running requests,
+  3. runs prefill chunks of admitted requests, up to `prefill_tokens` per slot that is not decoding,
+     so a long prompt is spread over several steps instead of stalling the running requests,
   4. reads the tokens sampled one step earlier and hands them to their requests.
 Tokens stay on the device: a step's input ids are the previous step's sampled ids, and the host
 reads them one step late through the engine's asynchronous copy, so the GPU never waits for the
@@ -160,8 +160,13 @@ class Scheduler:
         return ids, owners
 
     def _prefill(self, ids: torch.Tensor, owners: dict[int, Request]) -> None:
-        """Prefill chunks of admitted requests, oldest first; a finished prompt samples its first token."""
-        budget = self.prefill_tokens
+        """Prefill chunks of admitted requests, oldest first; a finished prompt samples its first token.
+
+        The budget is one chunk per slot that did not decode this step: the decode step costs the
+        same however many slots it serves, so while most slots wait for their prompts, more prompt
+        tokens go in per step (fewer mostly idle decode steps); while most decode, one chunk a step
+        keeps their pace."""
+        budget = self.prefill_tokens * max(1, len(self.slots) - len(owners))
         for request in sorted((r for r in self.slots if r is not None), key=lambda r: r.id):
             while budget > 0 and request.prefilled < len(request.prompt_ids) and not request.finished:
                 start = request.prefilled
