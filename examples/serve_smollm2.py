@@ -6,6 +6,8 @@ so the runtime checks that the weights it binds are the ones the plan was made f
 
     python examples/serve_smollm2.py --prompt "Name three prime numbers."   # one answer
     python examples/serve_smollm2.py                                        # interactive chat
+
+Over HTTP instead: `specontext serve plans/smollm2-chat --model smollm2` (README, "Serving over HTTP").
 """
 import argparse
 import sys
@@ -27,21 +29,15 @@ def build_engine(target: str, max_len: str, plan_dir: Path):
 
 
 def reply(engine, tokenizer, history: list[dict], max_new_tokens: int, temperature: float) -> str:
-    """Generate the assistant's next turn for a chat history, printing it as it streams."""
+    """Generate the assistant's next turn for a chat history, printing its text as it streams."""
     prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-    shown = []
-
-    def on_token(index: int, token_id: int) -> None:
-        shown.append(token_id)
-        text = tokenizer.decode(shown, skip_special_tokens=True)
-        sys.stdout.write(text[len(on_token.printed):])
+    text = ""
+    for delta in engine.stream(prompt, max_tokens=max_new_tokens, temperature=temperature):
+        sys.stdout.write(delta)
         sys.stdout.flush()
-        on_token.printed = text
-
-    on_token.printed = ""
-    out = engine.generate([prompt], max_new_tokens=max_new_tokens, temperature=temperature, stream=on_token)
+        text += delta
     print()
-    return out[0].text
+    return text
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Dense causal attention over the KV store, for prefill (decode is sparse: runtime/kernels/).
 
 Shapes: q [B, Hq, T, D]; k_new, v_new [B, Hkv, T, D]; caches [B, Hkv, N, D] (a view over the
-request slots of this forward); starts [B] int64: tokens already cached per request.
+request slots of this forward); starts: tokens already cached per request, a host list of B ints
+(a device tensor would be read back at every layer).
 Outputs are [B, T, Hq, Dv], the layout Hugging Face's attention interface returns.
 """
 from __future__ import annotations
@@ -10,15 +11,16 @@ import torch
 
 
 def dense_causal(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                 starts: torch.Tensor, scaling: float) -> torch.Tensor:
+                 starts: list[int], scaling: float) -> torch.Tensor:
     """Causal attention of T new queries over each request's cache [0, start+T) (prefill)."""
     batch, num_heads, steps, _ = q.shape
+    starts = [int(s) for s in starts]
     if q.is_cuda:
         return _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling)
     group = num_heads // cache_k.shape[1]
     outs = []
     for b in range(batch):
-        end = int(starts[b]) + steps
+        end = starts[b] + steps
         k = cache_k[b, :, :end].float().repeat_interleave(group, dim=0)
         v = cache_v[b, :, :end].float().repeat_interleave(group, dim=0)
         logits = torch.einsum("htd,hsd->hts", q[b].float(), k) * scaling
@@ -30,12 +32,20 @@ def dense_causal(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
 
 
 def _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling):
-    """The same on the GPU through PyTorch's fused SDPA (no [heads, T, S] logits in memory)."""
+    """The same on the GPU through PyTorch's fused SDPA (no [heads, T, S] logits in memory).
+
+    A request's first chunk is plain causal attention: is_causal (no mask) lets SDPA pick its flash
+    kernel; a later chunk needs the mask that offsets the diagonal by the cached length."""
     import torch.nn.functional as F
     steps = q.shape[2]
     outs = []
     for b in range(q.shape[0]):
-        end = int(starts[b]) + steps
+        end = starts[b] + steps
+        if starts[b] == 0:
+            out = F.scaled_dot_product_attention(q[b:b + 1], cache_k[b:b + 1, :, :end], cache_v[b:b + 1, :, :end],
+                                                 is_causal=True, scale=scaling, enable_gqa=True)
+            outs.append(out.transpose(1, 2))
+            continue
         query_pos = torch.arange(end - steps, end, device=q.device).view(steps, 1)
         mask = torch.arange(end, device=q.device).view(1, end) <= query_pos
         out = F.scaled_dot_product_attention(q[b:b + 1], cache_k[b:b + 1, :, :end], cache_v[b:b + 1, :, :end],

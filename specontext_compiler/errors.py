@@ -34,4 +34,5 @@ class RuntimeResourceError(SpecontextError):
 
 
 class RequestError(SpecontextError, ValueError):
-    """A generate() request or bind() option the engine cannot serve: bad token ids or sampling options."""
+    """A request or bind() option the engine cannot serve as given (empty, too long, bad token ids or
+    sampling parameters)."""

@@ -27,7 +27,7 @@ _spec.loader.exec_module(_fixture)
 make_plan = _fixture.make_plan
 
 runner = CliRunner()
-COMMANDS = ["compile", "inspect", "targets", "run", "eval", "distill"]
+COMMANDS = ["compile", "inspect", "targets", "run", "serve", "eval", "distill"]
 
 
 def invoke(*args: str, **kwargs):
@@ -303,3 +303,54 @@ def test_inspect_reprices_at_another_selection_overlap(tmp_path):
     assert shown.exit_code == 0, shown.output
     assert "selection overlap 0.3" in shown.stdout and "critical path" in shown.stdout
     assert_one_line_error(invoke("inspect", str(out), "--selection-overlap", "1.5"), "--selection-overlap 1.5")
+
+
+def test_run_defaults_to_the_plans_source_and_wraps_chat(plan_dir, tmp_path, monkeypatch):
+    import dataclasses as dc
+
+    from specontext_compiler.runtime import plan as plan_module
+    source = tmp_path / "weights"
+    source.mkdir()
+    real_load = plan_module.load_plan
+
+    def with_source(directory):
+        loaded = real_load(directory)
+        return dc.replace(loaded, model={**loaded.model, "source": str(source)})
+
+    bound, seen = {}, {}
+
+    class ChatTokenizer:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<user>{messages[0]['content']}<assistant>"
+
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    class FakeEngine:
+        tokenizer = ChatTokenizer()
+
+        def generate(self, prompts, max_new_tokens, temperature, top_p, stream):
+            seen["prompts"] = prompts
+            return [type("Generation", (), {"text": "ok", "token_ids": [1]})()]
+
+    monkeypatch.setattr(plan_module, "load_plan", with_source)
+    monkeypatch.setattr(Plan, "bind", lambda self, model, dlm=None, **kw: bound.update(model=model) or FakeEngine())
+    result = invoke("run", str(plan_dir), "--prompt", "Hi", "--chat", "--no-stream")
+    assert result.exit_code == 0, result.output
+    assert bound["model"] == str(source) and seen["prompts"] == ["<user>Hi<assistant>"]
+
+
+def test_run_without_model_on_a_plan_with_no_source_says_pass_model(plan_dir):
+    assert_one_line_error(invoke("run", str(plan_dir), "--prompt", "Hi"), "records no model source", "--model")
+
+
+def test_serve_passes_its_options(plan_dir, monkeypatch):
+    from specontext_compiler import serve as serve_module
+    got = {}
+    monkeypatch.setattr(serve_module, "serve", lambda plan, model, host, port, dlm=None: got.update(
+        plan=plan, model=model, host=host, port=port))
+    result = invoke("serve", str(plan_dir), "--port", "8123", "--host", "0.0.0.0")
+    assert result.exit_code == 0, result.output
+    assert got == {"plan": plan_dir, "model": None, "host": "0.0.0.0", "port": 8123}

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from specontext_compiler import compile_model, load_plan
-from specontext_compiler.errors import ModelMismatchError, RuntimeResourceError
+from specontext_compiler.errors import ModelMismatchError, RequestError, RuntimeResourceError
 from specontext_compiler.models import load_preset_config
 from specontext_compiler.runtime.plan import Segment
 
@@ -73,7 +73,7 @@ def test_sparse_budget_keeps_real_model_logits_close(tmp_path):
 
 def test_prompt_longer_than_max_len_is_refused_and_engine_stays_usable(tiny_model, dense_plan):
     engine = dense_plan.bind(tiny_model, device="cpu")
-    with pytest.raises(RuntimeResourceError, match="max-len is 512"):
+    with pytest.raises(RequestError, match="request 0: .*max-len is 512"):
         engine.generate([[5] * 600], max_new_tokens=4)
     assert len(engine.generate([[5, 6, 7]], max_new_tokens=3, stop_at_eos=False)[0].token_ids) == 3
 
@@ -169,3 +169,20 @@ def test_gpu_engine_with_cuda_graph_matches_hf_greedy(tiny_model, hf_greedy, den
     assert engine.step.captures >= 1
     for prompt, result in zip(prompts, results):
         assert result.token_ids == hf_greedy(tiny_model, prompt, 12)      # HF on the CPU
+
+
+def test_bind_refuses_a_batch_that_does_not_fit_and_names_the_largest_that_does(tiny_model, dense_plan, monkeypatch):
+    from specontext_compiler.runtime import memory_check
+    with pytest.raises(RuntimeResourceError, match=r"batch 100000000 needs .* the largest batch that fits is \d+"):
+        dense_plan.bind(tiny_model, device="cpu", batch=100_000_000)     # refused before allocating
+    per_slot = memory_check.slot_bytes(dense_plan, _spec(dense_plan), 513, 4, None, torch.float32)
+    monkeypatch.setattr(memory_check, "_host_available_bytes",
+                        lambda: 3.5 * (per_slot.device + per_slot.host) / (1 - memory_check.HOST_RESERVE_FRACTION))
+    with pytest.raises(RuntimeResourceError, match="largest batch that fits is 3: bind with batch=3"):
+        dense_plan.bind(tiny_model, device="cpu", batch=4)
+    assert dense_plan.bind(tiny_model, device="cpu", batch=3).slots == 3
+
+
+def _spec(plan):
+    from specontext_compiler.cost_models.model_spec import ModelSpec
+    return ModelSpec.from_dict(plan.model)

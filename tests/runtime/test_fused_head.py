@@ -137,3 +137,26 @@ def test_cuda_graph_replay_reads_the_last_steps_features(tiny_model, covering_pl
     assert graph_tokens == eager_tokens
     torch.testing.assert_close(graph_k, eager_k, atol=ATOL, rtol=ATOL)
     torch.testing.assert_close(graph_last, eager_last, atol=ATOL, rtol=ATOL)
+
+
+def test_prefill_chunks_between_decode_steps_keep_the_fused_features(tiny_model, covering_plan):
+    """A decode step runs every slot, so a request between prefill chunks gets a placeholder step;
+    its features (the fused head's F_{j-1}) must be the prompt's when the next chunk starts."""
+    from specontext_compiler.runtime.sampling_params import SamplingParams
+    solo = covering_plan.bind(tiny_model, device="cpu", batch=1)
+    first, second = torch.randint(3, 256, (9,)).tolist(), torch.randint(3, 256, (30,)).tolist()
+    expected = [solo.generate([p], max_new_tokens=n, stop_at_eos=False)[0].token_ids
+                for p, n in ((first, 12), (second, 4))]
+    engine = covering_plan.bind(tiny_model, device="cpu", batch=2)
+    engine.prefill_chunk = 8
+    scheduler = engine.scheduler
+    running = scheduler.add(first, SamplingParams(max_tokens=12, ignore_eos=True))
+    scheduler.step()
+    chunked = scheduler.add(second, SamplingParams(max_tokens=4, ignore_eos=True))
+    while scheduler.has_work():
+        scheduler.step()
+    assert scheduler.prefill_chunks >= 5 and [running.token_ids, chunked.token_ids] == expected
+    sequence = second + chunked.token_ids[:-1]
+    _, ref_k = hf_head_qk(tiny_model, engine.ctx.head, sequence)
+    torch.testing.assert_close(engine.ctx.store.head_k[chunked.slot:chunked.slot + 1, :, :len(sequence)],
+                               ref_k, atol=ATOL, rtol=ATOL)
