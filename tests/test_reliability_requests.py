@@ -46,8 +46,9 @@ def test_a_bad_request_is_refused_with_one_line(engine, prompts, options, words)
 
 def test_the_whole_batch_is_checked_before_any_prefill(engine, monkeypatch):
     prefilled = []
-    real_prefill = engine._prefill
-    monkeypatch.setattr(engine, "_prefill", lambda slot, ids: prefilled.append(slot) or real_prefill(slot, ids))
+    real_prefill = engine.prefill_chunk_into
+    monkeypatch.setattr(engine, "prefill_chunk_into",
+                        lambda slot, chunk, start: prefilled.append(slot) or real_prefill(slot, chunk, start))
     with pytest.raises(RequestError, match="request 2, token 0 is 999"):
         engine.generate([[5, 6], [7, 8], [999]], max_new_tokens=2)
     assert prefilled == []
