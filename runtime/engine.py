@@ -197,12 +197,14 @@ def _retrieval_head(plan, hf_model, dlm, device, dtype):
     info = plan.retrieval_head or {}
     if dlm is not None:
         from specontext_compiler.dlm import extract_retrieval_head  # compiler side, only on request
-        head, _ = extract_retrieval_head(dlm, hf_model.config, layer=info.get("layer"))
+        head, _ = extract_retrieval_head(dlm, hf_model.config, layer=info.get("layer"),
+                                         level=plan.workload.get("level", "head"))
     elif info.get("file"):
         head = RetrievalHead.load(plan.directory / info["file"], device=device, dtype=dtype)
     else:
         from specontext_compiler.dlm import extract_retrieval_head
-        head, _ = extract_retrieval_head(hf_model, hf_model.config, layer=info.get("layer"))
+        head, _ = extract_retrieval_head(hf_model, hf_model.config, layer=info.get("layer"),
+                                         level=plan.workload.get("level", "head"))
     if head.embedding is None:         # a head that shares the LLM's table: the bound weights
         head.attach_embedding(hf_model.get_input_embeddings().weight)
     _check_feature_layers(info, head)

@@ -31,3 +31,7 @@ class ModelMismatchError(SpecontextError):
 
 class RuntimeResourceError(SpecontextError):
     """Out of GPU or pinned host memory, or a request longer than the plan allows."""
+
+
+class SpecontextWarning(UserWarning):
+    """Something works but not as well as it could; the message names the fix (CLI: one stderr line)."""
