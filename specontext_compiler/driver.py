@@ -143,7 +143,8 @@ def _retrieval_head(dlm: str | None, source, model: str, level: str, max_len: in
     if dlm is None:
         if head_info.weights_present(source.path):
             warnings.warn(head_info.default_head_warning(model), SpecontextWarning, stacklevel=3)
-        return head_info.self_head_record(level), {}, None
+        from specontext_compiler.dlm import llm_geometry, selection_kv_heads
+        return head_info.self_head_record(level, selection_kv_heads(llm_geometry(source.config), level)), {}, None
     from specontext_compiler.cost_models.workload import RetrievalHead as HeadShape
     from specontext_compiler.dlm import extract_retrieval_head
     head, report = extract_retrieval_head(dlm, source.config, level=level, extend_to=max_len,

@@ -67,10 +67,10 @@ def _metadata_dicts(path: Any) -> list[dict]:
     return found
 
 
-def self_head_record(level: str, layer: int = 0) -> dict:
+def self_head_record(level: str, groups: int, layer: int = 0) -> dict:
     """The plan record of the default head, built at bind time from the LLM's own weights."""
     return {"source": f"self:{layer}", "kind": "self", "format": "self", "layer": layer, "file": None,
-            "feature_layers": [], "level": level, "teacher_layers": None, "recall": None,
+            "feature_layers": [], "level": level, "selection_groups": groups, "teacher_layers": None, "recall": None,
             "recall_note": NOT_MEASURED,
             "note": f"self-derived: the LLM's layer-{layer} embedding, norm and Q/K projections, built at bind time",
             "accuracy": f"loses most long-context look-ups ({SELF_HEAD_FINDING}); pass --dlm for an accurate head"}
@@ -92,3 +92,31 @@ def default_head_warning(model: str) -> str:
     return (f"no --dlm: the retrieval head is the model's own layer-0 projections (self:0), which loses "
             f"most long-context look-ups ({SELF_HEAD_FINDING}); make an accurate head with "
             f"`specontext distill {model} -o {head}` and compile with `--dlm {head}`")
+
+
+def head_summary(head: dict[str, Any]) -> str:
+    """Which head selects (kind, source), at what level, how it was made and its measured recall."""
+    parts = [f"{head.get('source', '?')} ({head.get('kind', 'head')})"]
+    if head.get("level"):
+        parts.append(f"level {head['level']}" + (f", {head['selection_groups']} groups"
+                                                 if head.get("selection_groups") else ""))
+    if head.get("head_params") is not None:
+        parts.append(f"{_number(head['head_params'])} params")
+    if head.get("feature_layers"):
+        parts.append(f"reads LLM layers {head['feature_layers']}")
+    if head.get("teacher_layers"):
+        reason = f" ({head['teacher_layers_reason']})" if head.get("teacher_layers_reason") else ""
+        parts.append(f"teacher layers {head['teacher_layers']}{reason}")
+    parts.append("recall " + _recall_text(head))
+    return ", ".join(parts)
+
+
+def _recall_text(head: dict[str, Any]) -> str:
+    recall = head.get("recall")
+    if isinstance(recall, dict):
+        return " ".join(f"{k} {_number(v)}" for k, v in recall.items())
+    return f"{recall:.3f}" if isinstance(recall, (int, float)) else head.get("recall_note", "not measured")
+
+
+def _number(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:.3f}" if isinstance(value, float) else str(value)
