@@ -10,11 +10,14 @@ import torch
 
 
 def dense_causal(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                 starts: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal attention of T new queries over each request's cache [0, start+T) (prefill)."""
+                 starts: torch.Tensor, scaling: float, window: int = 0) -> torch.Tensor:
+    """Causal attention of T new queries over each request's cache [0, start+T) (prefill).
+
+    window > 0 (a sliding-window layer): query p sees keys (p - window, p] only, as HF's mask.
+    """
     batch, num_heads, steps, _ = q.shape
     if q.is_cuda:
-        return _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling)
+        return _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling, window)
     group = num_heads // cache_k.shape[1]
     outs = []
     for b in range(batch):
@@ -24,12 +27,18 @@ def dense_causal(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
         logits = torch.einsum("htd,hsd->hts", q[b].float(), k) * scaling
         query_pos = torch.arange(end - steps, end, device=q.device).view(steps, 1)
         key_pos = torch.arange(end, device=q.device).view(1, end)
-        logits = logits.masked_fill(key_pos > query_pos, float("-inf"))
+        logits = logits.masked_fill(_hidden(key_pos, query_pos, window), float("-inf"))
         outs.append(torch.einsum("hts,hsd->thd", logits.softmax(-1), v))
     return torch.stack(outs).to(q.dtype)
 
 
-def _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling):
+def _hidden(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Keys a query may not see: later ones, and (window > 0) those window or more behind it."""
+    later = key_pos > query_pos
+    return later | (key_pos <= query_pos - window) if window else later
+
+
+def _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling, window=0):
     """The same on the GPU through PyTorch's fused SDPA (no [heads, T, S] logits in memory)."""
     import torch.nn.functional as F
     steps = q.shape[2]
@@ -37,7 +46,7 @@ def _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling):
     for b in range(q.shape[0]):
         end = int(starts[b]) + steps
         query_pos = torch.arange(end - steps, end, device=q.device).view(steps, 1)
-        mask = torch.arange(end, device=q.device).view(1, end) <= query_pos
+        mask = ~_hidden(torch.arange(end, device=q.device).view(1, end), query_pos, window)
         out = F.scaled_dot_product_attention(q[b:b + 1], cache_k[b:b + 1, :, :end], cache_v[b:b + 1, :, :end],
                                              attn_mask=mask, scale=scaling, enable_gqa=True)
         outs.append(out.transpose(1, 2))

@@ -44,7 +44,10 @@ class Engine:
         self.max_len = int(plan.workload["max_len"])
         self.slots = ctx.store.layout.slots
         self.memory = MemoryManager(plan, ctx)
-        self.step = DecodeStep(self._forward, ctx, use_cuda_graph and device.type == "cuda")
+        # A sliding-window layer's dense attention reads each request's length on the host, which a
+        # CUDA graph cannot capture: such models decode eagerly.
+        graphable = not any(ctx.windows)
+        self.step = DecodeStep(self._forward, ctx, use_cuda_graph and graphable and device.type == "cuda")
         self.memory.on_change.append(self.step.invalidate)
         # Each decode step's tokens come back through a pinned buffer behind an event (_tokens_to_host).
         on_gpu = device.type == "cuda"
@@ -233,7 +236,8 @@ def _build_context(plan, head, batch, device, dtype) -> StepContext:
             spec, slots, int(work["max_len"]), int(work["budget"]), int(work.get("sink_tokens", 1)),
             int(work.get("recent_tokens", 0)), head=head, offloaded_layers=first.offloaded_layers,
             capacity=min(first.to_len, int(work["max_len"])),
-            device=device, dtype=dtype, level=work.get("level", "head"), kernels=kernels_for(device, plan, dtype))
+            device=device, dtype=dtype, level=work.get("level", "head"), kernels=kernels_for(device, plan, dtype),
+            windows=plan.model.get("layer_windows") or ())
     except torch.cuda.OutOfMemoryError:
         in_use_gb = torch.cuda.memory_allocated(device) / 1e9
         raise RuntimeResourceError(f"out of GPU memory allocating the KV store for batch {slots} "

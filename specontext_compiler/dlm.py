@@ -125,14 +125,27 @@ def _numel(shape) -> int:
 
 
 # -- extraction ---------------------------------------------------------------------------------
-def rope_of(config: dict) -> dict:
-    """Normalized RoPE dict (rope_type, rope_theta, scaling fields) from transformers 4.x or 5.x configs."""
+def rope_of(config: dict, layer: int = 0) -> dict:
+    """Normalized RoPE dict (rope_type, rope_theta, scaling fields) from transformers 4.x or 5.x configs.
+
+    Models with one RoPE per layer type (Gemma-3: local and global layers) get `layer`'s.
+    """
     params = dict(config.get("rope_parameters") or {})
     scaling = dict(config.get("rope_scaling") or {})
-    rope = {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))} | params | scaling
+    types = config.get("layer_types") or []
+    kind = types[layer] if layer < len(types) else "full_attention"
+    params, scaling = _for_layer_type(params, kind), _for_layer_type(scaling, kind)
+    rope = {"rope_type": "default", "rope_theta": float(config.get("rope_theta") or 10000.0)} | params | scaling
     if "type" in rope and rope.get("rope_type", "default") == "default":
         rope["rope_type"] = rope.pop("type")
     return rope
+
+
+def _for_layer_type(part: dict, kind: str) -> dict:
+    """{"sliding_attention": {...}, "full_attention": {...}} -> the one for `kind`; flat dicts as they are."""
+    if "full_attention" in part or "sliding_attention" in part:
+        return dict(part.get(kind) or part.get("full_attention") or {})
+    return part
 
 
 def _head_from(tensors: _Tensors, config: dict, prefix: str, *, eagle3: bool, embedding, embedding_name: str,
@@ -151,10 +164,13 @@ def _head_from(tensors: _Tensors, config: dict, prefix: str, *, eagle3: bool, em
         q_w, k_w = q_w[:, :hidden].contiguous(), k_w[:, :hidden].contiguous()
     bias = {n: tensors.get(prefix + f"self_attn.{n[0]}_proj.bias") for n in ("q_bias", "k_bias")
             if prefix + f"self_attn.{n[0]}_proj.bias" in names}
+    bias |= {f"{n}_norm_weight": tensors.get(prefix + f"self_attn.{n}_norm.weight") for n in ("q", "k")
+             if prefix + f"self_attn.{n}_norm.weight" in names}          # Gemma-3, Qwen3
     return RetrievalHead(
         embedding=embedding, norm_weight=tensors.get(prefix + "input_layernorm.weight"),
         q_weight=q_w, k_weight=k_w, **bias, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope=rope_of(config),
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope=rope_of(config, layer),
+        norm_offset=1.0 if str(config.get("model_type", "")).startswith("gemma") else 0.0,
         max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
         embedding_shared=embedding is None,
         embedding_name=embedding_name, vocab_size=int(config["vocab_size"] if embedding is None else embedding.shape[0]), source=source, layer=layer)

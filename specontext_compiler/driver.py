@@ -60,6 +60,8 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     clock.stage("plan (ILP)")
     solution = plan_residency(spec, workload, hw, batch=_parse_batch(batch))
     offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
+    windows = models.layer_windows(source.config)
+    _check_windows_resident(windows, offloaded_ever)
 
     clock.stage("export")
     captured = _capture(source.config)
@@ -68,7 +70,8 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     from specontext_compiler.pipeline import run_pipeline
     schedule = {layer: issue for layer, issue in solution.schedule}
     graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, schedule,
-                                              feature_layers=head_info["feature_layers"])
+                                              feature_layers=head_info["feature_layers"],
+                                              window_layers=[i for i, w in enumerate(windows) if w])
 
     clock.stage("codegen")
     from specontext_compiler.codegen.emit_graph import emit_graph_source
@@ -81,7 +84,7 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
 
     plan = Plan(
         schema_version=list(SCHEMA_VERSION), producer=_producer(),
-        model={**spec.to_dict(), "config_sha256": models.config_sha256(source.config),
+        model={**spec.to_dict(), "layer_windows": windows, "config_sha256": models.config_sha256(source.config),
                "source": str(source.path) if source.path else None, "preset": source.preset},
         target=hw.to_dict() if hasattr(hw, "to_dict") else dict(vars(hw)),
         workload=workload_fields, retrieval_head=head_info,
@@ -107,6 +110,16 @@ class _Clock:
     def stage(self, name: str) -> None:
         if self.progress is not None:
             self.progress(name, time.perf_counter() - self.start)
+
+
+def _check_windows_resident(windows: list[int], offloaded: list[int]) -> None:
+    """Sliding-window layers attend densely over their window from the GPU store; the residency
+    ILP does not yet price them apart, so a plan that offloads one is refused."""
+    from specontext_compiler.errors import InfeasiblePlanError
+    moved = [layer for layer in offloaded if windows[layer]]
+    if moved:
+        raise InfeasiblePlanError(f"the plan offloads sliding-window layers {moved}, which must stay on the GPU; "
+                                  "compile for a smaller --max-len or --batch, or a larger target")
 
 
 def _default_prompt(max_len: int) -> int:
