@@ -58,10 +58,10 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
                         selection_overlap=selection_overlap, head=head_shape)
 
     clock.stage("plan (ILP)")
-    solution = plan_residency(spec, workload, hw, batch=_parse_batch(batch))
-    offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
     windows = models.layer_windows(source.config)
-    _check_windows_resident(windows, offloaded_ever)
+    solution = plan_residency(spec, workload, hw, batch=_parse_batch(batch),
+                              resident_layers=[i for i, w in enumerate(windows) if w])
+    offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
 
     clock.stage("export")
     captured = _capture(source.config)
@@ -110,16 +110,6 @@ class _Clock:
     def stage(self, name: str) -> None:
         if self.progress is not None:
             self.progress(name, time.perf_counter() - self.start)
-
-
-def _check_windows_resident(windows: list[int], offloaded: list[int]) -> None:
-    """Sliding-window layers attend densely over their window from the GPU store; the residency
-    ILP does not yet price them apart, so a plan that offloads one is refused."""
-    from specontext_compiler.errors import InfeasiblePlanError
-    moved = [layer for layer in offloaded if windows[layer]]
-    if moved:
-        raise InfeasiblePlanError(f"the plan offloads sliding-window layers {moved}, which must stay on the GPU; "
-                                  "compile for a smaller --max-len or --batch, or a larger target")
 
 
 def _default_prompt(max_len: int) -> int:
