@@ -133,7 +133,7 @@ def _predict_segment(spec, workload, target, bounds, offloaded) -> dict:
 
 
 def _solve_batch(spec: ModelSpec, workload: Workload, target: Target, time_limit_s: float,
-                 symmetry_breaking: bool = True) -> Solution:
+                 symmetry_breaking: bool = True, resident_layers=()) -> Solution:
     """Build and solve the ILP for workload.batch; raise InfeasiblePlanError if nothing fits."""
     reason = infeasibility_message(spec, workload, target)
     if reason:
@@ -145,6 +145,9 @@ def _solve_batch(spec: ModelSpec, workload: Workload, target: Target, time_limit
     stall = [[problem.continuous(f"stall_s{s}_L{j}") for j in range(L)] for s in range(len(bounds))]
     _add_memory(problem, spec, workload, target, bounds, on_gpu)
     _add_order(problem, on_gpu, symmetry_breaking)
+    for j in resident_layers:        # sliding-window layers: dense over their window, never offloaded
+        for s, row in enumerate(on_gpu):
+            problem.constrain(row[j] >= 1, f"resident_s{s}_L{j}")
     decode_ms = []
     for s, seg in enumerate(bounds):
         comps = latency.step_components(spec, workload, target, _mid(seg))
@@ -180,17 +183,18 @@ def _solution(spec, workload, target, bounds, on_gpu, stats) -> Solution:
 
 
 def plan_residency(spec: ModelSpec, workload: Workload, target: Target, batch: int | str = 1,
-                   time_limit_s: float = 10, symmetry_breaking: bool = True) -> Solution:
+                   time_limit_s: float = 10, symmetry_breaking: bool = True, resident_layers=()) -> Solution:
     """Plan layer residency per length segment for batch requests (int) or the best batch ("auto").
 
     auto: solve for 1, 2, 4, ... up to the largest batch whose memory fits, then search between
     the best power of two's neighbours; keep the highest predicted tokens/s (all of them listed
-    in Solution.batch_search).
+    in Solution.batch_search). resident_layers stay on the GPU in every segment.
     """
     if batch != "auto":
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise SpecontextError(f"--batch {batch!r} must be a positive integer or 'auto'")
-        return _solve_batch(spec, replace(workload, batch=batch), target, time_limit_s, symmetry_breaking)
+        return _solve_batch(spec, replace(workload, batch=batch), target, time_limit_s, symmetry_breaking,
+                            resident_layers)
     largest = max_feasible_batch(spec, workload, target)
     if largest == 0:
         _solve_batch(spec, replace(workload, batch=1), target, time_limit_s)  # raises with the reason
@@ -198,7 +202,8 @@ def plan_residency(spec: ModelSpec, workload: Workload, target: Target, batch: i
 
     def solve(b: int) -> float:
         if b not in tried:
-            tried[b] = _solve_batch(spec, replace(workload, batch=b), target, time_limit_s, symmetry_breaking)
+            tried[b] = _solve_batch(spec, replace(workload, batch=b), target, time_limit_s, symmetry_breaking,
+                                    resident_layers)
         return tried[b].predicted["tokens_per_s"]
 
     candidates = sorted({2 ** k for k in range(largest.bit_length()) if 2 ** k <= largest} | {largest})

@@ -7,8 +7,11 @@ rows plus sinks, the recent window and the new token; prefill (T > 1) stays dens
 Budget, sink and recent sizes are plan parameters read by the runtime: they are recorded here
 (SparseAttentionSite) only so the report can show them next to each layer.
 
+Sliding-window layers (`window_layers`) keep their dense attention: each token sees only its
+window, which the runtime applies, so they need no selection.
+
 Requires: FindAttention and InsertRetrievalHead ran (annotated attention, one retrieve node).
-Ensures:  no dense attention remains; one sparse attention per annotated layer.
+Ensures:  dense attention remains only in window layers; one sparse attention per other layer.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ class RewriteSparseAttention(PassBase):
     """Replace every specontext::attention by specontext::sparse_attention fed by retrieve."""
 
     def __init__(self, budget: int | None = None, sink_tokens: int | None = None,
-                 recent_tokens: int | None = None) -> None:
+                 recent_tokens: int | None = None, window_layers=()) -> None:
         self.budget, self.sink_tokens, self.recent_tokens = budget, sink_tokens, recent_tokens
+        self.window_layers = frozenset(int(i) for i in window_layers)
         self.counters: Counter = Counter()
 
     def requires(self, gm: GraphModule) -> None:
@@ -44,6 +48,9 @@ class RewriteSparseAttention(PassBase):
         sparse_op = ops.op("sparse_attention")
         for node in nodes_of(gm, "attention"):
             q, k, v, layer, scaling = node.args[:5]
+            if int(layer) in self.window_layers:
+                self.counters["kept_window_attention"] += 1
+                continue
             with gm.graph.inserting_before(node):
                 sparse = gm.graph.call_function(sparse_op, (q, k, v, indices, layer, scaling))
             sparse.meta.update({key: value for key, value in node.meta.items() if key != META_KEY})
@@ -56,5 +63,6 @@ class RewriteSparseAttention(PassBase):
         return PassResult(gm, True)
 
     def ensures(self, gm: GraphModule) -> None:
-        assert not nodes_of(gm, "attention"), "dense attention left after the rewrite"
+        assert all(int(n.args[3]) in self.window_layers for n in nodes_of(gm, "attention")), \
+            "dense attention left after the rewrite"
         assert len(nodes_of(gm, "sparse_attention")) == self.counters["rewrite_sparse_attention"]

@@ -11,12 +11,16 @@ import torch
 
 
 def dense_causal(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                 starts: list[int], scaling: float) -> torch.Tensor:
-    """Causal attention of T new queries over each request's cache [0, start+T) (prefill)."""
+                 starts: list[int], scaling: float, window: int = 0) -> torch.Tensor:
+    """Causal attention of T new queries over each request's cache [0, start+T) (prefill).
+
+    starts: cached length per request, read on the host. window > 0 (a sliding-window layer):
+    query p sees keys (p - window, p] only, as HF's mask.
+    """
     batch, num_heads, steps, _ = q.shape
     starts = [int(s) for s in starts]
     if q.is_cuda:
-        return _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling)
+        return _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling, window)
     group = num_heads // cache_k.shape[1]
     outs = []
     for b in range(batch):
@@ -26,28 +30,34 @@ def dense_causal(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
         logits = torch.einsum("htd,hsd->hts", q[b].float(), k) * scaling
         query_pos = torch.arange(end - steps, end, device=q.device).view(steps, 1)
         key_pos = torch.arange(end, device=q.device).view(1, end)
-        logits = logits.masked_fill(key_pos > query_pos, float("-inf"))
+        logits = logits.masked_fill(_hidden(key_pos, query_pos, window), float("-inf"))
         outs.append(torch.einsum("hts,hsd->thd", logits.softmax(-1), v))
     return torch.stack(outs).to(q.dtype)
 
 
-def _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling):
+def _hidden(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Keys a query may not see: later ones, and (window > 0) those window or more behind it."""
+    later = key_pos > query_pos
+    return later | (key_pos <= query_pos - window) if window else later
+
+
+def _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling, window=0):
     """The same on the GPU through PyTorch's fused SDPA (no [heads, T, S] logits in memory).
 
-    A request's first chunk is plain causal attention: is_causal (no mask) lets SDPA pick its flash
-    kernel; a later chunk needs the mask that offsets the diagonal by the cached length."""
+    A request's first chunk without a window is plain causal attention: is_causal (no mask) lets
+    SDPA pick its flash kernel; a later chunk, or a window, needs an explicit mask."""
     import torch.nn.functional as F
     steps = q.shape[2]
     outs = []
     for b in range(q.shape[0]):
         end = starts[b] + steps
-        if starts[b] == 0:
+        if starts[b] == 0 and not window:
             out = F.scaled_dot_product_attention(q[b:b + 1], cache_k[b:b + 1, :, :end], cache_v[b:b + 1, :, :end],
                                                  is_causal=True, scale=scaling, enable_gqa=True)
             outs.append(out.transpose(1, 2))
             continue
         query_pos = torch.arange(end - steps, end, device=q.device).view(steps, 1)
-        mask = torch.arange(end, device=q.device).view(1, end) <= query_pos
+        mask = ~_hidden(torch.arange(end, device=q.device).view(1, end), query_pos, window)
         out = F.scaled_dot_product_attention(q[b:b + 1], cache_k[b:b + 1, :, :end], cache_v[b:b + 1, :, :end],
                                              attn_mask=mask, scale=scaling, enable_gqa=True)
         outs.append(out.transpose(1, 2))

@@ -49,7 +49,10 @@ class Engine:
         self.max_len = int(plan.workload["max_len"])
         self.slots = ctx.store.layout.slots
         self.memory = MemoryManager(plan, ctx)
-        self.step = DecodeStep(self._forward, ctx, use_cuda_graph and device.type == "cuda")
+        # A sliding-window layer's dense attention reads each request's length on the host, which a
+        # CUDA graph cannot capture: such models decode eagerly.
+        graphable = not any(ctx.windows)
+        self.step = DecodeStep(self._forward, ctx, use_cuda_graph and graphable and device.type == "cuda")
         self.memory.on_change.append(self.step.invalidate)
         # Each decode step's tokens come back through a pinned buffer behind an event (tokens_to_host).
         on_gpu = device.type == "cuda"
@@ -237,12 +240,14 @@ def _retrieval_head(plan, hf_model, dlm, device, dtype):
     info = plan.retrieval_head or {}
     if dlm is not None:
         from specontext_compiler.dlm import extract_retrieval_head  # compiler side, only on request
-        head, _ = extract_retrieval_head(dlm, hf_model.config, layer=info.get("layer"))
+        head, _ = extract_retrieval_head(dlm, hf_model.config, layer=info.get("layer"),
+                                         level=plan.workload.get("level", "head"))
     elif info.get("file"):
         head = RetrievalHead.load(plan.directory / info["file"], device=device, dtype=dtype)
     else:
         from specontext_compiler.dlm import extract_retrieval_head
-        head, _ = extract_retrieval_head(hf_model, hf_model.config, layer=info.get("layer"))
+        head, _ = extract_retrieval_head(hf_model, hf_model.config, layer=info.get("layer"),
+                                         level=plan.workload.get("level", "head"))
     if head.embedding is None:         # a head that shares the LLM's table: the bound weights
         head.attach_embedding(hf_model.get_input_embeddings().weight)
     _check_feature_layers(info, head)
@@ -276,7 +281,8 @@ def _build_context(plan, head, batch, device, dtype) -> StepContext:
             spec, slots, int(work["max_len"]), int(work["budget"]), int(work.get("sink_tokens", 1)),
             int(work.get("recent_tokens", 0)), head=head, offloaded_layers=first.offloaded_layers,
             capacity=min(first.to_len, int(work["max_len"])),
-            device=device, dtype=dtype, level=work.get("level", "head"), kernels=kernels_for(device, plan, dtype))
+            device=device, dtype=dtype, level=work.get("level", "head"), kernels=kernels_for(device, plan, dtype),
+            windows=plan.model.get("layer_windows") or ())
     except torch.cuda.OutOfMemoryError:
         in_use_gb = torch.cuda.memory_allocated(device) / 1e9
         raise RuntimeResourceError(f"out of GPU memory allocating the KV store for batch {slots} "

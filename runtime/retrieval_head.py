@@ -34,7 +34,7 @@ _SHAPE_FIELDS = ("num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_
                  "rope", "max_position_embeddings", "embedding_shared", "embedding_name",
                  "selection_kv_heads", "source", "layer", "feature_layers")
 _TENSORS = ("embedding", "norm_weight", "q_weight", "k_weight", "q_bias", "k_bias", "fc_weight",
-            "feature_norm_weight")
+            "feature_norm_weight", "q_norm_weight", "k_norm_weight")
 
 
 # -- RoPE ---------------------------------------------------------------------------------------
@@ -131,7 +131,8 @@ class RetrievalHead:
                  max_position_embeddings: int, embedding_shared: bool = False,
                  embedding_name: str = "model.embed_tokens.weight", selection_kv_heads: int | None = None,
                  vocab_size: int | None = None, source: str = "", layer: int = 0,
-                 feature_layers=(), fc_weight=None, feature_norm_weight=None):
+                 feature_layers=(), fc_weight=None, feature_norm_weight=None,
+                 q_norm_weight=None, k_norm_weight=None, norm_offset: float = 0.0):
         self.embedding, self.norm_weight = embedding, norm_weight
         self.feature_layers = tuple(int(i) for i in feature_layers)
         self.fc_weight, self.feature_norm_weight = fc_weight, feature_norm_weight
@@ -140,6 +141,8 @@ class RetrievalHead:
         self.hidden_size = int(norm_weight.shape[0])
         self.vocab_size = int(vocab_size if vocab_size is not None else embedding.shape[0])
         self.norm_eps, self.rope, self.max_position_embeddings = float(norm_eps), dict(rope), max_position_embeddings
+        # Gemma-style models: per-head RMSNorm of q and k before RoPE, and norms that scale by (1 + w)
+        self.q_norm_weight, self.k_norm_weight, self.norm_offset = q_norm_weight, k_norm_weight, float(norm_offset)
         self.embedding_shared, self.embedding_name = embedding_shared, embedding_name
         self.selection_kv_heads = selection_kv_heads or num_kv_heads
         self.source, self.layer = source, layer
@@ -220,12 +223,15 @@ class RetrievalHead:
         k = torch.nn.functional.linear(x, self.k_weight, self.k_bias)
         q = q.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm_weight is not None:
+            q = _rms_norm(q, self.norm_eps) * (self.norm_offset + self.q_norm_weight)
+            k = _rms_norm(k, self.norm_eps) * (self.norm_offset + self.k_norm_weight)
         pos = position_ids.to(q.device)
         return apply_rope(q, pos, self._inv_freq, self._rope_scale), apply_rope(k, pos, self._inv_freq, self._rope_scale)
 
     def projection_input(self, hidden: torch.Tensor, previous_features: torch.Tensor | None = None) -> torch.Tensor:
         """The Q/K projections' input [B, T, H or 2H] (differentiable: the distiller trains through it)."""
-        x = _rms_norm(hidden.to(self.q_weight.dtype), self.norm_eps) * self.norm_weight
+        x = _rms_norm(hidden.to(self.q_weight.dtype), self.norm_eps) * (self.norm_offset + self.norm_weight)
         if not self.fused:
             return x
         if previous_features is None:
@@ -262,7 +268,8 @@ class RetrievalHead:
         return self
 
     def _metadata(self) -> dict:
-        return {name: getattr(self, name) for name in _SHAPE_FIELDS} | {"format_version": FORMAT_VERSION}
+        extra = {"norm_offset": self.norm_offset} if self.norm_offset else {}     # older readers lack it
+        return {name: getattr(self, name) for name in _SHAPE_FIELDS} | extra | {"format_version": FORMAT_VERSION}
 
     def to_bytes(self) -> bytes:
         """The safetensors file `save` writes, in memory; a shared embedding is recorded by name, not stored."""
@@ -306,7 +313,8 @@ class RetrievalHead:
         head = cls(embedding=tensors.get("embedding"), norm_weight=tensors["norm_weight"],
                    q_weight=tensors["q_weight"], k_weight=tensors["k_weight"],
                    q_bias=tensors.get("q_bias"), k_bias=tensors.get("k_bias"), fc_weight=tensors.get("fc_weight"),
-                   feature_norm_weight=tensors.get("feature_norm_weight"), **meta)
+                   feature_norm_weight=tensors.get("feature_norm_weight"), q_norm_weight=tensors.get("q_norm_weight"),
+                   k_norm_weight=tensors.get("k_norm_weight"), **meta)
         head.to(device=device, dtype=dtype)
         if embedding is not None:
             head.attach_embedding(embedding)

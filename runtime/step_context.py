@@ -44,8 +44,9 @@ class StepContext:
     """Implements the specontext:: ops over a KVStore for one engine."""
 
     def __init__(self, store: KVStore, config: SelectionConfig, num_heads: int, head=None,
-                 kernels=None):
+                 kernels=None, windows=()):
         self.store = store
+        self.windows = [int(w) for w in windows]      # per layer: sliding window (0: global)
         self.config = config
         self.num_heads = num_heads
         self.head = head
@@ -67,7 +68,7 @@ class StepContext:
     def for_model(cls, spec, batch: int, max_len: int, budget: int, sink_tokens: int = 1,
                   recent_tokens: int = 16, head=None, offloaded_layers=(), capacity: int | None = None,
                   device="cpu",
-                  dtype=torch.float32, level: str = "head", kernels=None) -> "StepContext":
+                  dtype=torch.float32, level: str = "head", kernels=None, windows=()) -> "StepContext":
         """A context sized for a ModelSpec (tests and the engine use this)."""
         config = SelectionConfig(budget, sink_tokens, recent_tokens, level)
         v_dim = getattr(spec, "v_head_dim", 0) or spec.head_dim
@@ -80,7 +81,7 @@ class StepContext:
         store = KVStore(layout, offloaded_layers, capacities=capacities,
                         head_kv_heads=head.num_kv_heads if head is not None else 0,
                         head_dim=head.head_dim if head is not None else 0)
-        return cls(store, config, spec.num_heads, head=head, kernels=kernels)
+        return cls(store, config, spec.num_heads, head=head, kernels=kernels, windows=windows)
 
     # -- step bracketing ---------------------------------------------------------------------
     def begin(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -122,7 +123,8 @@ class StepContext:
 
     # -- the ops -----------------------------------------------------------------------------
     def dense_attention(self, q, k, v, layer: int, scaling: float) -> torch.Tensor:
-        """specontext::attention: append, then attend over everything cached (the original graph)."""
+        """specontext::attention: append, then attend over everything cached (the original graph),
+        or over the layer's window (a sliding-window layer, which the plan leaves dense)."""
         kv = self.store.layers[layer]
         starts = self.starts[self._rows]
         self._append(kv, k, v, starts)
@@ -130,7 +132,8 @@ class StepContext:
         host_starts = self._host_starts or [int(s) for s in starts.tolist()]
         if kv.offloaded:   # prefill into an offloaded layer: bring its history over for this chunk
             cache_k, cache_v = kv.history(self._rows, max(host_starts) + q.shape[2], q.device)
-        return ref.dense_causal(q, cache_k, cache_v, host_starts, scaling)
+        window = self.windows[layer] if layer < len(self.windows) else 0
+        return ref.dense_causal(q, cache_k, cache_v, host_starts, scaling, window)
 
     def retrieve(self, input_ids, position_ids) -> torch.Tensor:
         """specontext::retrieve: run the retrieval head, select W rows per group for every layer."""

@@ -6,6 +6,7 @@ and nowhere else. `--debug` (or SPECONTEXT_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -203,6 +204,21 @@ def _key_value_table(rows: list[tuple[str, str]]) -> Table:
     return table
 
 
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Show specontext's own warnings as one stderr line each ('warning: ...'); others as usual."""
+    from specontext_compiler.errors import SpecontextWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SpecontextWarning)
+        yield
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    for item in caught:
+        if issubclass(item.category, SpecontextWarning):
+            err.print(Text("warning: ", style="bold yellow") + Text(" ".join(str(item.message).split())))
+        else:
+            warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+
+
 @app.command("compile")
 @_edge
 def compile_cmd(
@@ -214,9 +230,10 @@ def compile_cmd(
     budget: Annotated[Optional[int], typer.Option("--budget", min=1, metavar="TOKENS", help="Selected KV tokens per layer per step (the paper's B), in tokens; at most --max-len. Default: 2048, or --max-len if smaller.")] = None,
     sinks: Annotated[int, typer.Option("--sinks", min=0, metavar="TOKENS", help="Leading sink tokens always attended, in tokens.")] = 1,
     recent: Annotated[int, typer.Option("--recent", min=0, metavar="TOKENS", help="Most recent tokens always attended, in tokens.")] = 16,
-    dlm: Annotated[Optional[str], typer.Option("--dlm", metavar="DLM", help="Distilled model (directory or GGUF) or a retrieval-head .safetensors file: the head that does retrieval.")] = None,
+    dlm: Annotated[Optional[str], typer.Option("--dlm", metavar="DLM", help="The head that does retrieval: a retrieval-head .safetensors file (from `specontext distill`) or a smaller draft model of the same tokenizer (HF directory or GGUF). Default: the model's own layer 0, inaccurate on long contexts.")] = None,
     target_file: Annotated[Optional[Path], typer.Option("--target-file", metavar="FILE", help="A target TOML file instead of a built-in target.")] = None,
     prompt_len: Annotated[Optional[str], typer.Option("--prompt-len", metavar="TOKENS", help="Expected prompt length, in tokens (131072, 128k); sets the initial residency.")] = None,
+    level: Annotated[str, typer.Option("--level", metavar="head|batch", help="Selection level: 'head' picks tokens per KV-head group (the paper's; a --dlm must map its KV heads onto the LLM's), 'batch' one shared set per request (any geometry).")] = "head",
     selection_overlap: Annotated[float, typer.Option("--selection-overlap", metavar="F", help="Expected share of a step's selected rows already selected at the previous step (paper: over 0.8; measure yours with benchmarks/measure_overlap.py); elastic loading copies the rest.")] = 0.8,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan summary as JSON instead of tables.")] = False,
 ) -> None:
@@ -225,14 +242,18 @@ def compile_cmd(
     Example: specontext compile llama-3.1-8b --target a100 --max-len 128k -o plans/llama-a100
     """
     from specontext_compiler import driver
+    from specontext_compiler.dlm_geometry import check_level
     max_len_tokens = parse_tokens(max_len, "--max-len")
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len is not None else None
+    check_level(level)
     out_dir = out or _default_out(model, target, str(target_file) if target_file else None)
-    with _StageProgress(enabled=not as_json, stages=tuple(getattr(driver, "STAGES", ()))) as progress:
+    with _StageProgress(enabled=not as_json, stages=tuple(getattr(driver, "STAGES", ()))) as progress, \
+            _one_line_warnings():
         plan = driver.compile_model(model, target, max_len_tokens, batch=_parse_batch(batch), budget=budget,
                              sink_tokens=sinks, recent_tokens=recent, out=out_dir, dlm=dlm,
                              target_file=str(target_file) if target_file else None,
-                             prompt_len=prompt_tokens, selection_overlap=selection_overlap, progress=progress)
+                             prompt_len=prompt_tokens, selection_overlap=selection_overlap, level=level,
+                             progress=progress)
     if as_json:
         from specontext_compiler.report import plan_summary_json
         typer.echo(_strict_json(plan_summary_json(plan)))

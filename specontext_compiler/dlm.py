@@ -6,10 +6,10 @@ file (dequantized once through smollm2.load_causal_lm), an HF model in memory, "
 DLM is available), or a RetrievalHead .safetensors file (`RetrievalHead.save`; the only source of
 fused heads, which also read the LLM's hidden states: its size and layers are checked here).
 
-Head-level selection needs the head's query heads to stand for the LLM's: the head must have as many
-query heads as the LLM. Then its scores group by the LLM's KV heads (GQA/MQA) or stay per head
-(MHA, MLA: MLA does not reduce heads). A head with another head count is refused for head level
-with a message pointing at level="batch", which works for any geometry (one shared index set).
+Head-level selection is per group of the LLM (its KV heads for GQA): the head's KV heads must
+map onto those groups (dlm_geometry.py), whatever its query heads; a separate draft model (its own
+embedding, width and layers) is checked from its config before its weights load. level="batch"
+(one shared index set) works for any geometry.
 
 EAGLE-3 drafts (the paper's DLMs) feed q_proj/k_proj [embedding; fc(3 target hidden states)]
 (2*hidden wide). Without the target's hidden states at selection time we keep only the columns that
@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
+from specontext_compiler.dlm_geometry import check_draft, check_groups, check_level, dlm_config, llm_groups
 from specontext_compiler.errors import ModelError
+from specontext_compiler.head_info import NOT_MEASURED, head_file_facts, head_kind
 from specontext_compiler.runtime.retrieval_head import RetrievalHead
 
 EMBED = "model.embed_tokens.weight"
@@ -68,9 +70,9 @@ def _config_dict(obj: Any) -> dict:
                      "pass a ModelSpec, an HF config, an HF model or a directory")
 
 
-def selection_kv_heads(geometry: dict) -> int:
-    """`num_kv_heads` for selection.select_tokens: per KV head for GQA/MQA, per head for MHA/MLA."""
-    return geometry["num_heads"] if geometry["kind"] in ("mha", "mla") else geometry["num_kv_heads"]
+def selection_kv_heads(geometry: dict, level: str = "head") -> int:
+    """`num_kv_heads` for selection.select_tokens: the LLM's selection groups at this level."""
+    return llm_groups(geometry, level)
 
 
 # -- tensor access ------------------------------------------------------------------------------
@@ -123,14 +125,27 @@ def _numel(shape) -> int:
 
 
 # -- extraction ---------------------------------------------------------------------------------
-def rope_of(config: dict) -> dict:
-    """Normalized RoPE dict (rope_type, rope_theta, scaling fields) from transformers 4.x or 5.x configs."""
+def rope_of(config: dict, layer: int = 0) -> dict:
+    """Normalized RoPE dict (rope_type, rope_theta, scaling fields) from transformers 4.x or 5.x configs.
+
+    Models with one RoPE per layer type (Gemma-3: local and global layers) get `layer`'s.
+    """
     params = dict(config.get("rope_parameters") or {})
     scaling = dict(config.get("rope_scaling") or {})
-    rope = {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))} | params | scaling
+    types = config.get("layer_types") or []
+    kind = types[layer] if layer < len(types) else "full_attention"
+    params, scaling = _for_layer_type(params, kind), _for_layer_type(scaling, kind)
+    rope = {"rope_type": "default", "rope_theta": float(config.get("rope_theta") or 10000.0)} | params | scaling
     if "type" in rope and rope.get("rope_type", "default") == "default":
         rope["rope_type"] = rope.pop("type")
     return rope
+
+
+def _for_layer_type(part: dict, kind: str) -> dict:
+    """{"sliding_attention": {...}, "full_attention": {...}} -> the one for `kind`; flat dicts as they are."""
+    if "full_attention" in part or "sliding_attention" in part:
+        return dict(part.get(kind) or part.get("full_attention") or {})
+    return part
 
 
 def _head_from(tensors: _Tensors, config: dict, prefix: str, *, eagle3: bool, embedding, embedding_name: str,
@@ -149,13 +164,16 @@ def _head_from(tensors: _Tensors, config: dict, prefix: str, *, eagle3: bool, em
         q_w, k_w = q_w[:, :hidden].contiguous(), k_w[:, :hidden].contiguous()
     bias = {n: tensors.get(prefix + f"self_attn.{n[0]}_proj.bias") for n in ("q_bias", "k_bias")
             if prefix + f"self_attn.{n[0]}_proj.bias" in names}
+    bias |= {f"{n}_norm_weight": tensors.get(prefix + f"self_attn.{n}_norm.weight") for n in ("q", "k")
+             if prefix + f"self_attn.{n}_norm.weight" in names}          # Gemma-3, Qwen3
     return RetrievalHead(
         embedding=embedding, norm_weight=tensors.get(prefix + "input_layernorm.weight"),
         q_weight=q_w, k_weight=k_w, **bias, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope=rope_of(config),
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope=rope_of(config, layer),
+        norm_offset=1.0 if str(config.get("model_type", "")).startswith("gemma") else 0.0,
         max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
         embedding_shared=embedding is None,
-        embedding_name=embedding_name, vocab_size=int(config["vocab_size"]), source=source, layer=layer)
+        embedding_name=embedding_name, vocab_size=int(config["vocab_size"] if embedding is None else embedding.shape[0]), source=source, layer=layer)
 
 
 def _open(obj: Any) -> tuple[_Tensors, dict, str]:
@@ -173,16 +191,19 @@ def _open(obj: Any) -> tuple[_Tensors, dict, str]:
 
 
 def extract_retrieval_head(dlm: Any, llm_spec_or_config: Any, layer: int | None = None, *,
-                           llm: Any = None, level: str = "head",
-                           extend_to: int | None = None) -> tuple[RetrievalHead, dict]:
+                           llm: Any = None, level: str = "head", extend_to: int | None = None,
+                           llm_source: Any = None) -> tuple[RetrievalHead, dict]:
     """(RetrievalHead, report) from a DLM, a head file, or the LLM itself with dlm="self" / "self:N".
 
     llm_spec_or_config: the LLM's ModelSpec / HF config / HF model / directory (its geometry).
     llm: the LLM's weights (HF model or directory) for "self" heads and for a shared embedding;
          defaults to llm_spec_or_config when that is a model or a directory.
     extend_to: positions the head must cover; a DLM trained shorter gets YaRN (paper s.4.1).
+    llm_source: the LLM's directory or GGUF, to compare a draft's tokenizer with (default: llm).
+    level: "head" (per selection group) or "batch"; a draft must map onto the LLM's groups.
     """
     geometry = llm_geometry(llm_spec_or_config)
+    check_level(level)
     weights_src = llm if llm is not None else (
         llm_spec_or_config if isinstance(llm_spec_or_config, (torch.nn.Module, str, os.PathLike)) else None)
     if isinstance(dlm, str) and (dlm == "self" or dlm.startswith("self:")):
@@ -190,18 +211,19 @@ def extract_retrieval_head(dlm: Any, llm_spec_or_config: Any, layer: int | None 
     elif is_head_file(dlm):
         head, kind, dlm_params, notes = _file_head(dlm, geometry)
     else:
-        head, kind, dlm_params, notes = _dlm_head(dlm, layer)
+        head, kind, dlm_params, notes = _dlm_head(dlm, layer, geometry, level, llm_source=llm_source or weights_src)
     if head.embedding is None and weights_src is not None:
         llm_tensors = _open(weights_src)[0]
         head.attach_embedding(llm_tensors.get(EMBED))
-    _check_geometry(head, geometry, level)
-    head.selection_kv_heads = selection_kv_heads(geometry)
+    check_groups(head.num_heads, head.num_kv_heads, geometry, level, who=_who(head))
+    head.selection_kv_heads = selection_kv_heads(geometry, level)
     if extend_to and extend_to > head.max_position_embeddings and head.rope.get("rope_type") == "default":
         factor = extend_to / head.max_position_embeddings
         head.set_rope(head.rope | {"rope_type": "yarn", "factor": factor,
                                    "original_max_position_embeddings": head.max_position_embeddings})
         notes.append(f"RoPE extended with YaRN x{factor:g} to {extend_to} positions")
-    return head, _report(head, dlm_params, kind, level, geometry, notes)
+    facts = head_file_facts(dlm) if kind == "head-file" else {"recall": None, "recall_note": NOT_MEASURED}
+    return head, {"teacher_layers": None, **_report(head, dlm_params, kind, level, geometry, notes), **facts}
 
 
 def is_head_file(dlm: Any) -> bool:
@@ -224,17 +246,21 @@ def _self_head(dlm: str, layer: int | None, weights_src: Any, geometry: dict):
     return head, "self", tensors.total_params, notes
 
 
-def _dlm_head(dlm: Any, layer: int | None):
-    """The head of a distilled model: a directory, a GGUF file or an HF model in memory."""
+def _dlm_head(dlm: Any, layer: int | None, geometry: dict, level: str, llm_source: Any = None):
+    """The head of a draft model (its own embedding, norm, Q/K): a directory, a GGUF file or an HF model.
+
+    Its config is checked against the LLM (groups, vocabulary) before any weight loads.
+    """
+    config = dlm_config(dlm)
+    notes = check_draft(config, geometry, level, dlm=dlm, llm_source=llm_source) if config else []
     tensors, config, kind = _open(dlm)
     eagle3 = EAGLE3_LAYER + "self_attn.q_proj.weight" in tensors.names()
     prefix = EAGLE3_LAYER if eagle3 else LAYER.format(layer=layer or 0)
-    embed_name = next((n for n in (EMBED, "embed_tokens.weight") if n in tensors.names()), None)
-    embedding = tensors.get(embed_name) if embed_name else None
+    embed_name = _embedding_name(tensors.names(), config)
+    embedding = _fit_vocabulary(tensors.get(embed_name), geometry) if embed_name else None
     head = _head_from(tensors, config, prefix, eagle3=eagle3, embedding=embedding,
                       embedding_name=embed_name or EMBED, source=str(dlm if kind != "hf-model" else "hf-model"),
                       layer=0 if eagle3 else (layer or 0))
-    notes = []
     if eagle3:
         kind = "eagle3-embedding-half"
         notes.append("EAGLE-3 draft: kept q/k columns acting on the embedding only; the fc(target hidden "
@@ -242,6 +268,23 @@ def _dlm_head(dlm: Any, layer: int | None):
     if embedding is None:
         notes.append("DLM has no embedding table: shares the LLM's")
     return head, kind, tensors.total_params, notes
+
+
+def _embedding_name(names: set[str], config: dict) -> str | None:
+    """The draft's token table: its embedding, or its LM head when the two are tied."""
+    for name in (EMBED, "embed_tokens.weight"):
+        if name in names:
+            return name
+    return "lm_head.weight" if config.get("tie_word_embeddings") and "lm_head.weight" in names else None
+
+
+def _fit_vocabulary(embedding: torch.Tensor, geometry: dict) -> torch.Tensor:
+    """A draft's table padded with zero rows up to the LLM's vocabulary (same tokenizer, smaller
+    padding): the LLM may emit a padding id, which must index a row."""
+    rows = int(geometry.get("vocab_size") or 0)
+    if rows <= embedding.shape[0]:
+        return embedding
+    return torch.cat([embedding, embedding.new_zeros(rows - embedding.shape[0], embedding.shape[1])])
 
 
 def _file_head(path: Any, geometry: dict):
@@ -270,12 +313,8 @@ def _check_head_file(head: RetrievalHead, geometry: dict, path: Any) -> None:
                          f"the LLM has layers 0..{int(layers) - 1}: it was made for another model")
 
 
-def _check_geometry(head: RetrievalHead, geometry: dict, level: str) -> None:
-    if level not in ("head", "batch"):
-        raise ModelError(f"selection level {level!r} is not 'head' or 'batch'")
-    if level == "head" and head.num_heads != geometry["num_heads"]:
-        raise ModelError(f"the DLM has {head.num_heads} query heads, the LLM {geometry['num_heads']}: "
-                         "head-level selection cannot map them; use level='batch' or a matching DLM")
+def _who(head: RetrievalHead) -> str:
+    return "the retrieval head" if head.source.startswith(("self", "distilled")) else f"the DLM {Path(head.source).name}"
 
 
 def _report(head: RetrievalHead, dlm_params: int | None, kind: str, level: str, geometry: dict,
@@ -287,8 +326,9 @@ def _report(head: RetrievalHead, dlm_params: int | None, kind: str, level: str, 
         return None if dlm_params is None else 1 - count / dlm_params
 
     return {
-        "source": head.source, "kind": kind, "layer": head.layer, "level": level,
-        "llm_attention": geometry["kind"], "selection_groups": head.selection_kv_heads if level == "head" else 1,
+        "source": head.source, "kind": head_kind(kind, head.source, head.fused), "format": kind,
+        "layer": head.layer, "level": level,
+        "llm_attention": geometry["kind"], "selection_groups": head.selection_kv_heads,
         "dlm_params": dlm_params, "head_params": kept, "head_params_with_embedding": kept_with_embed,
         "embedding_shared": head.embedding_shared,
         "reduction": reduction(kept), "reduction_with_embedding": reduction(kept_with_embed),

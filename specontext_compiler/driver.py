@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -30,16 +31,22 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
                   batch: int | str = 1, budget: int | None = None, sink_tokens: int = 1,
                   recent_tokens: int = 16, out: str | Path | None = None, dlm: str | None = None,
                   target_file: str | None = None, prompt_len: int | str | None = None,
-                  selection_overlap: float = 0.8, progress: Progress | None = None) -> Plan:
+                  selection_overlap: float = 0.8, level: str = "head",
+                  progress: Progress | None = None) -> Plan:
     """Compile a plan for serving MODEL on TARGET up to max_len tokens; write it to `out`.
 
     budget: selected KV tokens per layer per step; None is DEFAULT_BUDGET, or max_len if shorter.
+    dlm: a draft model (directory or GGUF of the same tokenizer), a retrieval-head file, or None
+    for the LLM's own layer 0 (warns when the model's weights are present: it is inaccurate on
+    long contexts). level: "head" (a token set per KV-head group, the paper's) or "batch" (one).
     """
     from specontext_compiler import models
     from specontext_compiler.cost_models.ilp import plan_residency
     from specontext_compiler.cost_models.target import load_target, load_target_file
     from specontext_compiler.cost_models.workload import Workload
+    from specontext_compiler.dlm_geometry import check_level
 
+    check_level(level)
     clock = _Clock(progress)
     clock.stage("load model")
     source = models.resolve_model(model)
@@ -54,14 +61,16 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len else _default_prompt(max_len_tokens)
 
     clock.stage("retrieval head")       # before the ILP (its size is costed) and the passes (taps)
-    head_info, files, head_shape = _retrieval_head(dlm, source, spec)
+    head_info, files, head_shape = _retrieval_head(dlm, source, model, level, max_len_tokens)
     workload = Workload(max_len=max_len_tokens, prompt_len=prompt_tokens,
                         batch=batch if isinstance(batch, int) else 1, budget=budget,
                         sink_tokens=sink_tokens, recent_tokens=recent_tokens,
                         selection_overlap=selection_overlap, head=head_shape)
 
     clock.stage("plan (ILP)")
-    solution = plan_residency(spec, workload, hw, batch=_parse_batch(batch))
+    windows = models.layer_windows(source.config)
+    solution = plan_residency(spec, workload, hw, batch=_parse_batch(batch),
+                              resident_layers=[i for i, w in enumerate(windows) if w])
     offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
 
     clock.stage("export")
@@ -71,20 +80,21 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     from specontext_compiler.pipeline import run_pipeline
     schedule = {layer: issue for layer, issue in solution.schedule}
     graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, schedule,
-                                              feature_layers=head_info["feature_layers"])
+                                              feature_layers=head_info["feature_layers"],
+                                              window_layers=[i for i, w in enumerate(windows) if w])
 
     clock.stage("codegen")
     from specontext_compiler.codegen.emit_graph import emit_graph_source
     from specontext_compiler.codegen.emit_kernels import emit_kernels
     graph_source, graph_record = emit_graph_source(graph_module, captured.param_names)
     files["decode_graph.py"] = graph_source
-    workload_fields = _workload_fields(workload, solution, source)
+    workload_fields = _workload_fields(workload, solution, level)
     kernel_files, kernel_records = emit_kernels(spec.to_dict(), workload_fields)
     files.update(kernel_files)
 
     plan = Plan(
         schema_version=list(SCHEMA_VERSION), producer=_producer(),
-        model={**spec.to_dict(), "config_sha256": models.config_sha256(source.config),
+        model={**spec.to_dict(), "layer_windows": windows, "config_sha256": models.config_sha256(source.config),
                "source": str(source.path) if source.path else None, "preset": source.preset},
         target=hw.to_dict() if hasattr(hw, "to_dict") else dict(vars(hw)),
         workload=workload_fields, retrieval_head=head_info,
@@ -162,30 +172,36 @@ def _capture(config):
     return capture_decode_graph(config)
 
 
-def _retrieval_head(dlm: str | None, source, spec):
+def _retrieval_head(dlm: str | None, source, model: str, level: str, max_len: int):
     """(plan record, files, shape for the cost model) of the retrieval head.
 
     With a DLM the head is extracted now and stored in the plan (HEAD_FILE; a shared embedding is
     attached from the LLM's weights at bind time) and the cost model prices its real parameters
     (a fused head's fc included); feature_layers say which hidden states the graph taps. Without
-    one, the LLM's own layer 0 is built at bind time and the cost model keeps its EAGLE-3 shape.
+    one, the LLM's own layer 0 is built at bind time, the cost model keeps its EAGLE-3 shape, and
+    a model with weights gets a warning (that head loses most long-context look-ups).
     """
+    from specontext_compiler import head_info
+    from specontext_compiler.errors import SpecontextWarning
     if dlm is None:
-        return {"source": "self:0", "layer": 0, "file": None, "feature_layers": [],
-                "note": "self-derived: the LLM's layer-0 embedding, norm and Q/K projections, built at bind time"}, {}, None
+        if head_info.weights_present(source.path):
+            warnings.warn(head_info.default_head_warning(model), SpecontextWarning, stacklevel=3)
+        from specontext_compiler.dlm import llm_geometry, selection_kv_heads
+        return head_info.self_head_record(level, selection_kv_heads(llm_geometry(source.config), level)), {}, None
     from specontext_compiler.cost_models.workload import RetrievalHead as HeadShape
     from specontext_compiler.dlm import extract_retrieval_head
-    head, report = extract_retrieval_head(dlm, source.config)
+    head, report = extract_retrieval_head(dlm, source.config, level=level, extend_to=max_len,
+                                          llm_source=source.path)
     shape = HeadShape(head_num_heads=head.num_heads, head_num_kv_heads=head.num_kv_heads, head_dim=head.head_dim,
                       head_input_dim=head.input_width, head_params=head.param_count(include_embedding=False))
     return {**report, "source": str(dlm), "file": HEAD_FILE}, {HEAD_FILE: head.to_bytes()}, shape
 
 
-def _workload_fields(workload, solution, source) -> dict:
+def _workload_fields(workload, solution, level: str) -> dict:
     return {"max_len": workload.max_len, "prompt_len": workload.prompt_len, "batch": solution.batch,
             "budget": workload.budget, "sink_tokens": workload.sink_tokens,
             "recent_tokens": workload.recent_tokens, "width": workload.window_tokens,
-            "selection_overlap": workload.selection_overlap, "level": "head",
+            "selection_overlap": workload.selection_overlap, "level": level,
             "dtype": "bfloat16"}
 
 

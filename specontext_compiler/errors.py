@@ -36,3 +36,7 @@ class RuntimeResourceError(SpecontextError):
 class RequestError(SpecontextError, ValueError):
     """A request or bind() option the engine cannot serve as given (empty, too long, bad token ids or
     sampling parameters)."""
+
+
+class SpecontextWarning(UserWarning):
+    """Something works but not as well as it could; the message names the fix (CLI: one stderr line)."""

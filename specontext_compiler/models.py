@@ -188,3 +188,16 @@ def check_max_len(spec: ModelSpec, max_len: int) -> None:
     if max_len > spec.max_positions:
         raise SpecontextError(f"--max-len {max_len} exceeds {spec.name}'s max_position_embeddings "
                               f"{spec.max_positions}; pass --max-len {spec.max_positions} or less")
+
+
+def layer_windows(config) -> list[int]:
+    """Per layer, its sliding-window length in tokens (0: global attention).
+
+    Gemma-3-style models interleave local layers (each token sees the last `sliding_window`
+    tokens) with global ones; config.layer_types says which is which. Local layers keep their
+    window and need no token selection: only global layers become sparse.
+    """
+    types = getattr(config, "layer_types", None) or []
+    window = int(getattr(config, "sliding_window", None) or 0)
+    return [window if kind == "sliding_attention" and window else 0 for kind in types] or \
+        [0] * int(config.num_hidden_layers)

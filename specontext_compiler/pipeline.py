@@ -24,21 +24,22 @@ Progress = Callable[[str, float], None]
 
 def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *, budget: int | None = None,
                  sink_tokens: int | None = None, recent_tokens: int | None = None,
-                 feature_layers: Iterable[int] = ()) -> list:
-    """The pipeline, in order (feature_layers: a fused head's; none for a plain head)."""
+                 feature_layers: Iterable[int] = (), window_layers: Iterable[int] = ()) -> list:
+    """The pipeline, in order (feature_layers: a fused head's; none for a plain head;
+    window_layers: sliding-window layers, which stay dense)."""
     return [
         CleanCapture(),
         FindAttention(),
         InsertRetrievalHead(),
         InsertFeatureTaps(feature_layers),
-        RewriteSparseAttention(budget, sink_tokens, recent_tokens),
+        RewriteSparseAttention(budget, sink_tokens, recent_tokens, window_layers),
         InsertPrefetch(offloaded_layers, schedule),
     ]
 
 
 def run_pipeline(gm: GraphModule, offloaded_layers: Iterable[int] = (), schedule: dict[int, int] | None = None,
                  progress: Progress | None = None, feature_layers: Iterable[int] = (),
-                 **selection) -> tuple[GraphModule, list[dict]]:
+                 window_layers: Iterable[int] = (), **selection) -> tuple[GraphModule, list[dict]]:
     """Run every pass on gm; returns the graph and [{pass, seconds, counters, nodes}] per pass.
 
     offloaded_layers: layers whose KV lives in host memory; schedule: {layer: issue_before_layer};
@@ -46,7 +47,8 @@ def run_pipeline(gm: GraphModule, offloaded_layers: Iterable[int] = (), schedule
     selection: optional budget / sink_tokens / recent_tokens recorded for the report.
     """
     records, done = [], []
-    for graph_pass in build_passes(offloaded_layers, schedule or {}, feature_layers=feature_layers, **selection):
+    for graph_pass in build_passes(offloaded_layers, schedule or {}, feature_layers=feature_layers,
+                                   window_layers=window_layers, **selection):
         name = type(graph_pass).__name__
         start = time.perf_counter()
         try:

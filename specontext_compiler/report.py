@@ -16,6 +16,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from specontext_compiler.head_info import head_summary
 from specontext_compiler.runtime.plan import Plan, Segment
 
 GIB = 1024 ** 3
@@ -201,7 +202,8 @@ def _kv_lines(plan: Plan) -> list[tuple[str, str]]:
                      f"{w.get('prompt_len', '-')}, batch {w.get('batch')}, budget {w.get('budget')}, "
                      f"sinks {w.get('sink_tokens')}, recent {w.get('recent_tokens')}, "
                      f"selection overlap {_value(w.get('selection_overlap', '-'))}"),
-        ("retrieval head", ", ".join(f"{k} {_value(v)}" for k, v in r.items() if k != "file")),
+        ("retrieval head", head_summary(r)),
+        *([("head accuracy", r["accuracy"])] if r.get("accuracy") else []),
         ("solver", ", ".join(f"{k} {_value(v)}" for k, v in plan.solver.items())),
         ("prefetch issue→wait", _schedule_line(plan)),
         ("prediction", (", ".join(f"{k} {_value(v)}" for k, v in plan.prediction.items()

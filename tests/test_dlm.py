@@ -48,7 +48,8 @@ def test_directory_is_read_lazily_and_same_as_in_memory(llama, tmp_path):
     llama.save_pretrained(tmp_path / "llm")
     from_dir, rep_dir = extract_retrieval_head(tmp_path / "llm", llama.config, layer=2, llm=tmp_path / "llm")
     from_mem, _ = extract_retrieval_head(llama, llama.config, layer=2)
-    assert torch.equal(from_dir.q_weight, from_mem.q_weight) and rep_dir["kind"] == "hf-directory"
+    assert torch.equal(from_dir.q_weight, from_mem.q_weight) and rep_dir["format"] == "hf-directory"
+    assert rep_dir["kind"] == "draft model" and rep_dir["recall_note"] == "not measured"
     assert torch.equal(from_dir.embedding, llama.model.embed_tokens.weight.detach())
 
 
@@ -66,7 +67,7 @@ def test_eagle3_directory_keeps_the_embedding_half(llama, tmp_path):
         "num_key_value_heads": 2, "vocab_size": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "max_position_embeddings": 32}))
     head, report = extract_retrieval_head(directory, llama, extend_to=128)
-    assert report["kind"] == "eagle3-embedding-half" and report["embedding_shared"]
+    assert report["format"] == "eagle3-embedding-half" and report["embedding_shared"]
     assert torch.equal(head.q_weight, tensors["midlayer.self_attn.q_proj.weight"][:, :hidden])
     assert head.rope["rope_type"] == "yarn" and head.rope["factor"] == 4.0
     assert report["dlm_params"] == sum(t.numel() for t in tensors.values())
@@ -78,7 +79,7 @@ def test_head_count_mismatch_is_refused_for_head_level_only(llama):
     from transformers import LlamaConfig, LlamaForCausalLM
     other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(ModelError, match="level='batch'"):
+    with pytest.raises(ModelError, match="1 KV heads .*2 KV-head groups.*--level batch"):
         extract_retrieval_head(other, llama)
     head, report = extract_retrieval_head(other, llama, level="batch")
     assert report["level"] == "batch" and report["selection_groups"] == 1 and head.num_heads == 2
@@ -101,7 +102,8 @@ def test_head_file_keeps_a_fused_head_and_its_geometry(llama, tmp_path, make_fus
     assert torch.equal(head.fc_weight, saved.fc_weight) and torch.equal(head.k_weight, saved.k_weight)
     # the shared embedding comes from the LLM's weights
     assert torch.equal(head.embedding, llama.model.embed_tokens.weight.detach())
-    assert report["kind"] == "head-file" and report["feature_layers"] == [0, 2]
+    assert report["format"] == "head-file" and report["kind"] == "distilled"
+    assert report["feature_layers"] == [0, 2]
     assert report["head_params"] == saved.param_count() and report["dlm_params"] is None
     assert report["reduction"] is None and report["selection_groups"] == 2
 

@@ -3,7 +3,8 @@
 retrieval_scores: q [B, Hq, D] (the new token's queries), k_cache [B, Hkv, S_max, D] (the head's
 own K cache), seq_lens [B] int32/int64 -> per-group weights [B, G, S_max] fp32: softmax over the
 valid positions per query head, then the element-wise max over the query heads of each group
-(G = Hkv: per KV head; G = 1: MQA / batch level). Positions >= seq_len get weight 0, and select()
+(G = Hkv: per KV head; G = 1: MQA / batch level; a draft head with a multiple of the LLM's
+groups merges consecutive KV heads). Positions >= seq_len get weight 0, and select()
 never picks them. Same numbers as selection.group_scores(selection.attention_weights(...)).
 
 Two passes: (1) one program per (request, KV head, block of S) reads each K row once for all its
@@ -40,10 +41,8 @@ DTYPE = None
 def retrieval_scores_reference(q, k_cache, seq_lens, scaling: float, groups: int) -> torch.Tensor:
     """Per-group weights [B, G, S_max] fp32 from selection.py (the specification)."""
     from specontext_compiler.runtime import selection
-    num_kv_heads = k_cache.shape[1]
-    level = "head" if groups == num_kv_heads else "batch"
     weights = selection.attention_weights(q, k_cache, scaling, seq_lens=seq_lens)
-    return selection.group_scores(weights, num_kv_heads, level)
+    return selection.group_scores(weights, groups)       # G consecutive runs of Hq / G heads
 
 
 def retrieval_scores_bytes(q, k_cache, groups: int) -> int:
@@ -124,7 +123,7 @@ def retrieval_scores(q, k_cache, seq_lens, scaling: float, groups: int) -> torch
     row_major(k_cache, "k_cache")
     check_dtype(__name__, DTYPE, k_cache)
     assert q.dtype == k_cache.dtype and num_heads == group * num_kv_heads
-    assert groups in (1, num_kv_heads) and k_cache.shape[0] >= batch and k_cache.shape[3] == dim
+    assert num_kv_heads % groups == 0 and k_cache.shape[0] >= batch and k_cache.shape[3] == dim
     assert seq_lens.dtype in (torch.int32, torch.int64) and seq_lens.shape == (batch,)
     for name, fixed, actual in (("HEAD_DIM", HEAD_DIM, dim), ("GQA_GROUP", GQA_GROUP, group),
                                 ("GROUPS", GROUPS, groups)):

@@ -130,7 +130,9 @@ def passkey_cases(model, tokenizer, head, *, lengths, depths, budgets, methods, 
         if question_mode == "prompt":
             context, question = context + question, []
         ids = torch.tensor([context])
-        cache = DynamicCache(config=model.config)
+        # Full layers everywhere: a sliding-window layer's cache cannot be cropped back to the prefill;
+        # eval_attention applies the window itself.
+        cache = DynamicCache()
         with sparse_attention.active():
             prefill = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
                             output_hidden_states=True)

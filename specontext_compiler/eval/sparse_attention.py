@@ -5,6 +5,7 @@ tokens, empty cache) is dense and causal. A decode step (one query token) asks t
 for a keep-mask over the cached context at that layer and attends only to the kept tokens plus the
 new one; the KV of all tokens stays in the cache (as the runtime's full KV store does), so a method
 only changes what each step reads. A capture hook sees every layer's post-RoPE q and k (recall task).
+Sliding-window layers (Gemma-3's local layers) attend over their window only and are never sparse.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def eval_attention(module, query, key, value, attention_mask, scaling=None, drop
     num_heads, num_kv = query.shape[1], key.shape[1]
     q_len, k_len = query.shape[2], key.shape[2]
     keep = None
+    window = int(kwargs.get("sliding_window") or 0)
+    if window and k_len > window:           # a local layer (Gemma-3): its window, never a selection
+        return _windowed(query, key, value, window, scaling), None
     if q_len == 1 and _Active.selector is not None and k_len > 1:
         context_keep = _Active.selector(layer, query[:, :, 0], key[:, :, :-1])
         if context_keep is not None:
@@ -44,6 +48,17 @@ def eval_attention(module, query, key, value, attention_mask, scaling=None, drop
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=keep, is_causal=q_len > 1, scale=scaling, enable_gqa=num_kv != num_heads)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _windowed(query, key, value, window: int, scaling) -> torch.Tensor:
+    """Causal attention where query position p sees keys (p - window, p] (HF's sliding mask)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    query_pos = torch.arange(k_len - q_len, k_len, device=key.device).view(q_len, 1)
+    key_pos = torch.arange(k_len, device=key.device).view(1, k_len)
+    mask = (key_pos <= query_pos) & (key_pos > query_pos - window)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous()
 
 
 def install(model) -> None:

@@ -8,7 +8,8 @@ from tests.conftest import TOLERANCE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,groups", [(8, 2, 2), (8, 2, 1), (3, 3, 3), (4, 1, 1)])
+@pytest.mark.parametrize("heads,kv_heads,groups", [(8, 2, 2), (8, 2, 1), (3, 3, 3), (4, 1, 1), (14, 2, 2),
+                                                   (8, 4, 2)])
 def test_scores_match_reference(dtype, heads, kv_heads, groups):
     batch, seq_max, dim = 2, 45, 24
     q = torch.randn(batch, heads, dim).to(dtype)
@@ -21,6 +22,16 @@ def test_scores_match_reference(dtype, heads, kv_heads, groups):
     assert got.shape == (batch, groups, seq_max) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
     assert torch.all(got[1, :, 17:] == 0)
+
+
+def test_a_draft_with_more_kv_heads_merges_consecutive_ones():
+    """8 query / 4 KV heads selecting for 2 groups: group g is the max over query heads 4g..4g+3."""
+    q, k_cache = torch.randn(1, 8, 16), torch.randn(1, 4, 30, 16)
+    seq_lens = torch.tensor([30])
+    weights = selection.attention_weights(q, k_cache, 0.25, seq_lens=seq_lens)          # [1, 8, 30]
+    scores = rs.retrieval_scores_reference(q, k_cache, seq_lens, 0.25, 2)
+    torch.testing.assert_close(scores[0, 1], weights[0, 4:].amax(dim=0))
+    torch.testing.assert_close(rs.retrieval_scores(q, k_cache, seq_lens, 0.25, 2), scores, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("heads,kv_heads,level", [(8, 2, "head"), (8, 2, "batch"), (4, 4, "head"), (4, 1, "head")])
