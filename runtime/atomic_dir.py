@@ -21,6 +21,7 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -64,16 +65,36 @@ def publish_dir(final: Path, write_into: Callable[[Path], None], *,
 
 
 def check_replaceable(final: Path, may_replace: Callable[[Path], bool]) -> None:
-    """Raise DirectoryInUse unless `final` is absent, an empty directory, or one `may_replace` accepts."""
-    if final.is_symlink() or (final.exists() and not final.is_dir()):
-        raise DirectoryInUse("it exists and is not a directory")
-    if not final.exists():
-        return
-    cwd = Path.cwd().absolute()
-    if final == cwd or final in cwd.parents:
-        raise DirectoryInUse("it is the current directory or contains it")
-    if any(final.iterdir()) and not may_replace(final):
-        raise DirectoryInUse("it is a non-empty directory that specontext did not write")
+    """Raise DirectoryInUse unless `final` is absent, an empty directory, or one `may_replace` accepts.
+
+    Another writer may swap `final` while it is looked at: a path that vanishes or changes inode
+    mid-check is looked at again, never judged from a half-seen state.
+    """
+    for _ in range(100):
+        try:
+            before = os.lstat(final)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(before.st_mode) or not stat.S_ISDIR(before.st_mode):
+            raise DirectoryInUse("it exists and is not a directory")
+        cwd = Path.cwd().absolute()
+        if final == cwd or final in cwd.parents:
+            raise DirectoryInUse("it is the current directory or contains it")
+        try:
+            if not any(final.iterdir()) or may_replace(final):
+                return
+        except FileNotFoundError:
+            continue
+        if _inode(final) == before.st_ino:
+            raise DirectoryInUse("it is a non-empty directory that specontext did not write")
+    raise DirectoryInUse("it keeps changing while being checked")
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def remove_leftovers(final: Path) -> None:
