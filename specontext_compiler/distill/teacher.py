@@ -7,8 +7,11 @@ selectable keys only; the teacher aggregates the layers, renormalized again: "me
 what attention recall averages, so its top-k maximises recall; "max" says a key matters if any
 layer needs it, since one selection serves them all (lower recall on SmolLM2 at budgets
 256-1024). `layers` restricts the aggregate to some of the LLM's layers (e.g. the ones that read
-far context, where a passkey is looked up). The same forward yields the hidden states that a fused head reads (`feature_layers`,
-HF output_hidden_states indices). Stored in fp16.
+far context, where a passkey is looked up; `layer_choice` finds them). The same forward yields the
+hidden states that a fused head reads (`feature_layers`, HF output_hidden_states indices), tapped
+at those layers only. The forward runs on the model's device (bf16 autocast on CUDA); each layer's
+attention is reduced into the aggregate as the layer runs, so memory does not grow with depth.
+Stored in fp16 (features in bf16 for a bf16 model), on the CPU by default.
 """
 from __future__ import annotations
 
@@ -155,8 +158,10 @@ def collect(model, ids: torch.Tensor, positions: torch.Tensor, feature_layers: t
     with attention_capture(model, hook), feature_taps(model, feature_layers) as taken, autocast(device):
         model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1)
     features = torch.cat([taken[i][0] for i in feature_layers], dim=-1)
+    # bf16 models keep bf16 features: their hidden states can outgrow fp16's range
+    features = features.to(torch.bfloat16 if features.dtype == torch.bfloat16 else torch.float16)
     return TeacherSample(ids=ids.clone().cpu(), positions=positions.cpu(), teacher=hook.teacher().half().to(store),
-                         features=features.half().to(store))
+                         features=features.to(store))
 
 
 @contextmanager
