@@ -458,6 +458,10 @@ def _distill_summary(report: dict, out: Path) -> Table:
     if report.get("teacher_layers"):
         chosen = " (auto: far copy score)" if report.get("teacher_layer_choice") else ""
         rows.append(("teacher layers", ", ".join(map(str, report["teacher_layers"])) + chosen))
+    if report.get("teacher_layer_choice"):
+        scores = report["teacher_layer_choice"]["scores"]
+        best = sorted(range(len(scores)), key=lambda i: -scores[i])[:6]
+        rows.append(("copy score, best layers", ", ".join(f"{i}: {scores[i]:.3f}" for i in best)))
     if report.get("loss_level", "head") != "head":
         rows.append(("loss", f"per {report['loss_level']}"))
     rows.append(("time", f"teacher {report['collect_s']:.1f} s, training {report['train_s']:.1f} s "

@@ -70,7 +70,7 @@ def test_default_teacher_layers_are_chosen_and_their_scores_kept_in_the_file(tmp
     result = invoke("tiny", "-o", str(out), "--sequences", "2", "--seq-len", "512", "--epochs", "1",
                     "--device", "cpu", "--loss", "group")
     assert result.exit_code == 0, result.output
-    assert "auto: far copy score" in result.stdout
+    assert "auto: far copy score" in result.stdout and "copy score, best layers" in result.stdout
     choice = distill_metadata(out)["teacher_layer_choice"]
     assert len(choice["scores"]) == deep_model.config.num_hidden_layers and choice["probed_queries"] > 0
     best = max(choice["scores"])
