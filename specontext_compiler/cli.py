@@ -464,8 +464,8 @@ def _distill_summary(report: dict, out: Path) -> Table:
         rows.append(("copy score, best layers", ", ".join(f"{i}: {scores[i]:.3f}" for i in best)))
     if report.get("loss_level", "head") != "head":
         rows.append(("loss", f"per {report['loss_level']}"))
-    rows.append(("time", f"teacher {report['collect_s']:.1f} s, training {report['train_s']:.1f} s "
-                         f"on {report['device']}"))
+    rows.append(("time", f"choosing layers {report['choose_layers_s']:.1f} s, teacher {report['collect_s']:.1f} s, "
+                         f"training {report['train_s']:.1f} s on {report['device']}"))
     return _key_value_table(rows)
 
 

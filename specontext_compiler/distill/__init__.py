@@ -29,7 +29,6 @@ def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
 
 
 Progress = Callable[[str, int, int, str], None]     # (stage, done, total, note)
-STAGES = ("layers", "teacher", "training")
 
 
 def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: int = 2048,
@@ -73,6 +72,7 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
         choice = layer_choice.auto_teacher_layers(
             model, probe, recent, progress=lambda done, total: report_progress("layers", done, total, ""))
         teacher_layers = tuple(choice["layers"])
+    choose_s = time.perf_counter() - started
     samples = []
     for index, (ids, must) in enumerate(texts):
         positions = teacher.query_positions(seq_len, queries, must, recent, MIN_CONTEXT, seed + index)
@@ -91,7 +91,8 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
               "train_sequences": sequences - held_out, "device": str(teacher.model_device(model)),
               "validation_sequences": held_out, "seq_len": seq_len, "epochs": epochs, "lr": lr,
               "before": history[0], "after": history[-1], "history": history,
-              "collect_s": collect_s, "train_s": time.perf_counter() - started - collect_s}
+              "choose_layers_s": choose_s, "collect_s": collect_s - choose_s,
+              "train_s": time.perf_counter() - started - collect_s}
     return head, report
 
 
