@@ -9,6 +9,7 @@ import argparse
 import sys
 import time
 
+from specontext_compiler.eval.methods import METHODS
 from specontext_compiler.eval.runner import render_table, run_eval, to_json
 from specontext_compiler.eval.tables import markdown
 
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-heads", default="self:0,self-prefix:1,self-prefix:4",
                         help="comma-separated heads scored beside the main one ('' for none)")
     parser.add_argument("--tasks", default="recall,passkey")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated selection methods (fewer methods, shorter passkey runs)")
     parser.add_argument("--budgets", type=_ints, default=(256, 512, 1024, 2048), help="recall budgets")
     parser.add_argument("--passkey-budgets", type=_ints, default=(2048,))
     parser.add_argument("--lengths", type=_ints, default=(2048, 4096, 8192))
@@ -50,7 +53,8 @@ def main(argv=None) -> int:
                        budgets=(256, 512), passkey_budgets=(256,), passkey_question=args.passkey_question)
     start = time.time()
     result = run_eval(args.model, head=args.head, compare_heads=[h for h in args.compare_heads.split(",") if h],
-                      tasks=tuple(args.tasks.split(",")), sink=args.sink, recent=args.recent,
+                      tasks=tuple(args.tasks.split(",")), methods=tuple(args.methods.split(",")),
+                      sink=args.sink, recent=args.recent,
                       threads=args.threads, **options)
     result.meta["wall_s"] = round(time.time() - start, 1)
     result.meta["command"] = " ".join(["benchmarks/run_accuracy.py", *(argv if argv is not None else sys.argv[1:])])

@@ -28,64 +28,91 @@ def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     return layers
 
 
+Progress = Callable[[str, int, int, str], None]     # (stage, done, total, note)
+
+
 def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: int = 2048,
                            feature_layers: tuple[int, ...] | None = None, epochs: int = 8, lr: float = 3e-3,
-                           seed: int = 0, progress: Callable[[str], None] | None = None,
+                           seed: int = 0, progress: Progress | None = None,
                            name: str | None = None, queries: int = QUERIES_PER_SEQUENCE,
                            recent: int = RECENT_TOKENS, teacher_aggregate: str = "mean",
-                           recall_documents: bool = False, teacher_layers: tuple[int, ...] | None = None,
+                           recall_documents: bool = False, teacher_layers: tuple[int, ...] | str | None = "auto",
                            loss_level: str = "head"):
-    """(fused RetrievalHead, report) distilled from an HF causal LM's attention on stdlib prose.
+    """(fused RetrievalHead on the CPU, report) distilled from an HF causal LM's attention on stdlib
+    prose, on the model's own device (bf16 autocast on CUDA; move the model first).
 
     feature_layers: HF output_hidden_states indices the head reads (default_feature_layers).
     name: the model's name in the head's source ("distilled:<name>"); default: the model's path.
-    progress: called with one line per stage and per epoch.
+    progress(stage, done, total, note): called as each stage ("layers", "teacher", "training")
+    advances; note is a line to show (a validation result) or "".
     teacher_aggregate: "mean" or "max" over layers (teacher.py); recall_documents: mix in
     documents with facts asked about later (corpus.py). Both defaults scored best on SmolLM2 at
     budgets 256-1024 (benchmarks/ACCURACY.md). teacher_layers: the LLM layers the teacher
-    aggregates (default all). loss_level: "head" fits each query head to the LLM head of its
-    index, "group" each selection group's mixture of heads (train.cross_entropy); on SmolLM2,
-    "group" with teacher_layers 19-24 finds the 8k passkey at head level (benchmarks/ACCURACY.md).
+    aggregates: "auto" (layer_choice: the layers that look up far context on this text; the
+    scores go into report["teacher_layer_choice"]), None for all, or indices. loss_level: "head"
+    fits each query head to the LLM head of its index, "group" each selection group's mixture of
+    heads (train.cross_entropy); on SmolLM2, "group" with teacher_layers 19-24 finds the 8k
+    passkey at head level (benchmarks/ACCURACY.md).
     """
     import torch
 
-    from specontext_compiler.distill import corpus, teacher, train
-    from specontext_compiler.dlm import extract_retrieval_head
+    from specontext_compiler.distill import corpus, layer_choice, teacher
 
     config = model.config
     layers = tuple(feature_layers) if feature_layers is not None else default_feature_layers(
         config.num_hidden_layers)
     _check_arguments(config, sequences=sequences, seq_len=seq_len, epochs=epochs, lr=lr,
                      feature_layers=layers, teacher_layers=teacher_layers, loss_level=loss_level)
-    say = progress or (lambda message: None)
+    report_progress = progress or (lambda stage, done, total, note="": None)
     started = time.perf_counter()
-    samples = []
     texts = corpus.training_sequences(tokenizer, sequences, seq_len, seed, recall_documents=recall_documents)
+    choice = None
+    if teacher_layers == "auto":
+        probe = [torch.tensor(ids) for ids, _ in texts[:layer_choice.PROBE_SEQUENCES]]
+        choice = layer_choice.auto_teacher_layers(
+            model, probe, recent, progress=lambda done, total: report_progress("layers", done, total, ""))
+        teacher_layers = tuple(choice["layers"])
+    choose_s = time.perf_counter() - started
+    samples = []
     for index, (ids, must) in enumerate(texts):
         positions = teacher.query_positions(seq_len, queries, must, recent, MIN_CONTEXT, seed + index)
         samples.append(teacher.collect(model, torch.tensor(ids), positions, layers, recent, teacher_aggregate,
                                        teacher_layers))
-        say(f"teacher: sequence {index + 1}/{sequences}")
+        report_progress("teacher", index + 1, sequences, "")
     collect_s = time.perf_counter() - started
-    held_out = max(1, sequences // VALIDATION_FRACTION)
-    base, _ = extract_retrieval_head("self:0", model, llm=model)
-    head, history = train.fit(base, samples[:-held_out], samples[-held_out:], feature_layers=layers,
-                              epochs=epochs, lr=lr, seed=seed, recent=recent, level=loss_level,
-                              progress=say)
+    head, history = _train(model, samples, layers, epochs=epochs, lr=lr, seed=seed, recent=recent,
+                           loss_level=loss_level, progress=report_progress)
     head.source, head.layer = f"distilled:{name or _model_name(model)}", 0
+    held_out = max(1, sequences // VALIDATION_FRACTION)
     report = {"source": head.source, "params": head.param_count(), "feature_layers": list(layers),
               "sequences": sequences, "teacher": teacher_aggregate, "recall_documents": recall_documents,
               "teacher_layers": list(teacher_layers) if teacher_layers is not None else None,
-              "loss_level": loss_level,
-              "train_sequences": sequences - held_out,
+              "teacher_layer_choice": choice, "loss_level": loss_level,
+              "train_sequences": sequences - held_out, "device": str(teacher.model_device(model)),
               "validation_sequences": held_out, "seq_len": seq_len, "epochs": epochs, "lr": lr,
               "before": history[0], "after": history[-1], "history": history,
-              "collect_s": collect_s, "train_s": time.perf_counter() - started - collect_s}
+              "choose_layers_s": choose_s, "collect_s": collect_s - choose_s,
+              "train_s": time.perf_counter() - started - collect_s}
     return head, report
 
 
+def _train(model, samples, feature_layers, *, epochs, lr, seed, recent, loss_level, progress):
+    """Fit the fused student (started from the LLM's layer-0 head) on the model's device; the
+    trained head comes back on the CPU."""
+    from specontext_compiler.distill import teacher, train
+    from specontext_compiler.dlm import extract_retrieval_head
+
+    held_out = max(1, len(samples) // VALIDATION_FRACTION)
+    base, _ = extract_retrieval_head("self:0", model, llm=model)
+    head, history = train.fit(base, samples[:-held_out], samples[-held_out:], feature_layers=feature_layers,
+                              epochs=epochs, lr=lr, seed=seed, recent=recent, level=loss_level,
+                              device=teacher.model_device(model),
+                              progress=lambda done, total, note: progress("training", done, total, note))
+    return head.to("cpu"), history
+
+
 def _check_arguments(config, *, sequences: int, seq_len: int, epochs: int, lr: float,
-                     feature_layers: tuple[int, ...], teacher_layers: tuple[int, ...] | None = None,
+                     feature_layers: tuple[int, ...], teacher_layers: tuple[int, ...] | str | None = None,
                      loss_level: str = "head") -> None:
     from specontext_compiler.distill.train import LOSS_LEVELS
     if loss_level not in LOSS_LEVELS:
@@ -99,6 +126,10 @@ def _check_arguments(config, *, sequences: int, seq_len: int, epochs: int, lr: f
     if not feature_layers or not all(0 <= i <= config.num_hidden_layers for i in feature_layers):
         raise SpecontextError(f"feature_layers {list(feature_layers)} must be hidden-state indices in "
                               f"0..{config.num_hidden_layers}")
+    if teacher_layers == "auto":
+        return
+    if isinstance(teacher_layers, str):
+        raise SpecontextError(f"teacher layers {teacher_layers!r}: give 'auto', None (all) or layer indices")
     if teacher_layers is not None and not (teacher_layers and all(0 <= i < config.num_hidden_layers
                                                                    for i in teacher_layers)):
         raise SpecontextError(f"teacher layers {list(teacher_layers)} must be layer indices in "

@@ -7,12 +7,16 @@ selectable keys only; the teacher aggregates the layers, renormalized again: "me
 what attention recall averages, so its top-k maximises recall; "max" says a key matters if any
 layer needs it, since one selection serves them all (lower recall on SmolLM2 at budgets
 256-1024). `layers` restricts the aggregate to some of the LLM's layers (e.g. the ones that read
-far context, where a passkey is looked up). The same forward yields the hidden states that a fused head reads (`feature_layers`,
-HF output_hidden_states indices). Stored in fp16.
+far context, where a passkey is looked up; `layer_choice` finds them). The same forward yields the
+hidden states that a fused head reads (`feature_layers`, HF output_hidden_states indices), tapped
+at those layers only. The forward runs on the model's device (bf16 autocast on CUDA); each layer's
+attention is reduced into the aggregate as the layer runs, so memory does not grow with depth.
+Stored in fp16 (features in bf16 for a bf16 model), on the CPU by default.
 """
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -57,57 +61,118 @@ AGGREGATES = ("mean", "max")
 
 
 class _LayerAggregate:
-    """Capture hook: the running sum or max over layers of renormalized attention at the queries."""
+    """Capture hook: the running sum or max over layers of renormalized attention at the queries.
+
+    Each layer's attention is reduced into `total` [Hq, P, T] as soon as the layer runs, one KV
+    group at a time, so no layer's map outlives its own call: peak memory is one group's
+    [Hq/Hkv, P, T] on top of the aggregate, whatever the depth (an 8B model at 8k tokens fits)."""
 
     def __init__(self, positions: torch.Tensor, seq_len: int, recent: int, num_heads: int, aggregate: str,
                  layers: frozenset[int] | None = None):
         self.aggregate, self.layers = aggregate, layers
         self.positions = positions
-        self.allowed = selectable_keys(positions, seq_len, recent)
-        self.causal = torch.arange(seq_len)[None, :] <= positions[:, None]
-        self.total = torch.zeros(num_heads, len(positions), seq_len)
+        self.allowed = selectable_keys(positions.cpu(), seq_len, recent).to(positions.device)
+        self.causal = torch.arange(seq_len, device=positions.device)[None, :] <= positions[:, None]
+        self.total = torch.zeros(num_heads, len(positions), seq_len, device=positions.device)
 
     def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
         if self.layers is not None and layer not in self.layers:
             return
-        q = query[0, :, self.positions].float()                                   # [Hq, P, D]
-        k = key[0].float().repeat_interleave(q.shape[0] // key.shape[1], dim=0)   # [Hq, T, D]
-        logits = torch.einsum("hpd,htd->hpt", q, k) * q.shape[-1] ** -0.5
-        weights = logits.masked_fill(~self.causal, float("-inf")).softmax(-1) * self.allowed
-        if self.aggregate == "max":
-            torch.maximum(self.total, _renormalize(weights), out=self.total)
-        else:                      # a sum renormalizes to the mean
-            self.total.add_(_renormalize(weights))
+        for heads, weights in attention_by_group(query, key, self.positions, self.causal):
+            weights = _renormalize(weights * self.allowed)
+            if self.aggregate == "max":
+                torch.maximum(self.total[heads], weights, out=self.total[heads])
+            else:                  # a sum renormalizes to the mean
+                self.total[heads] += weights
 
     def teacher(self) -> torch.Tensor:
         return _renormalize(self.total * self.allowed)
+
+
+def attention_by_group(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, causal: torch.Tensor):
+    """Yield (query-head slice, softmax weights [Hq/Hkv, P, T] in fp32) per KV group.
+
+    query [1, Hq, T, D], key [1, Hkv, T, D] post-RoPE (any dtype); causal [P, T] bool. The logits
+    are fp32 even under autocast: ranking thousands of keys needs more than bf16's 8 bits."""
+    group = query.shape[1] // key.shape[1]
+    with torch.autocast(query.device.type, enabled=False):
+        for kv in range(key.shape[1]):
+            heads = slice(kv * group, (kv + 1) * group)
+            q = query[0, heads][:, positions].float()                          # [g, P, D]
+            logits = torch.einsum("hpd,td->hpt", q, key[0, kv].float()) * q.shape[-1] ** -0.5
+            yield heads, logits.masked_fill(~causal, float("-inf")).softmax(-1)
 
 
 def _renormalize(weights: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the teacher forward and the student's projections); a no-op on CPU,
+    where bf16 matmuls are slower than fp32 and the reference numbers were made in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@contextmanager
+def feature_taps(model, feature_layers: tuple[int, ...]):
+    """Record the hidden states that output_hidden_states would give at `feature_layers` (index i <
+    L: the input of decoder layer i; index L: the final norm's output), and only those: keeping
+    all L+1 of them costs gigabytes for an 8B model at 8k tokens. Yields {index: [1, T, H]}."""
+    decoder = model.get_decoder()
+    taken: dict[int, torch.Tensor] = {}
+    handles = []
+    for index in feature_layers:
+        if index == len(decoder.layers):
+            handles.append(decoder.norm.register_forward_hook(
+                lambda module, args, output, index=index: taken.__setitem__(index, output)))
+        else:
+            handles.append(decoder.layers[index].register_forward_pre_hook(
+                lambda module, args, kwargs, index=index: taken.__setitem__(
+                    index, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+    try:
+        yield taken
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def collect(model, ids: torch.Tensor, positions: torch.Tensor, feature_layers: tuple[int, ...],
-            recent: int, aggregate: str = "mean", layers: tuple[int, ...] | None = None) -> TeacherSample:
-    """Run `model` densely over ids [T] once: the teacher at `positions` (over `layers`, default
-    all) and the features."""
-    seq_len = len(ids)
+            recent: int, aggregate: str = "mean", layers: tuple[int, ...] | None = None,
+            store: str | torch.device = "cpu") -> TeacherSample:
+    """Run `model` densely over ids [T] once, on its own device (bf16 autocast on CUDA): the
+    teacher at `positions` (over `layers`, default all) and the features, stored on `store`."""
+    seq_len, device = len(ids), model_device(model)
     if int(positions.min()) <= recent:
         raise SpecontextError(f"query position {int(positions.min())} has no selectable key "
                               f"(recent window {recent})")
     if aggregate not in AGGREGATES:
         raise SpecontextError(f"teacher aggregate {aggregate!r}: choose one of {AGGREGATES}")
-    hook = _LayerAggregate(positions, seq_len, recent, model.config.num_attention_heads, aggregate,
+    hook = _LayerAggregate(positions.to(device), seq_len, recent, model.config.num_attention_heads, aggregate,
                            frozenset(layers) if layers is not None else None)
+    with attention_capture(model, hook), feature_taps(model, feature_layers) as taken, autocast(device):
+        model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1)
+    features = torch.cat([taken[i][0] for i in feature_layers], dim=-1)
+    # bf16 models keep bf16 features: their hidden states can outgrow fp16's range
+    features = features.to(torch.bfloat16 if features.dtype == torch.bfloat16 else torch.float16)
+    return TeacherSample(ids=ids.clone().cpu(), positions=positions.cpu(), teacher=hook.teacher().half().to(store),
+                         features=features.to(store))
+
+
+@contextmanager
+def attention_capture(model, hook):
+    """Route the model's attention through the eval's function with `hook` seeing every layer's
+    post-RoPE q, k; restore the model's own attention implementation afterwards."""
     previous = getattr(model.config, "_attn_implementation", None)
     sparse_attention.install(model)
     try:
         with sparse_attention.active(capture=hook):
-            out = model(input_ids=ids[None], use_cache=False, logits_to_keep=1, output_hidden_states=True)
+            yield
     finally:
         if previous and previous != sparse_attention.ATTN_NAME:
             model.set_attn_implementation(previous)
-    features = torch.cat([out.hidden_states[i][0] for i in feature_layers], dim=-1)
-    return TeacherSample(ids=ids.clone(), positions=positions, teacher=hook.teacher().half(),
-                         features=features.half())

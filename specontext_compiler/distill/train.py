@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from specontext_compiler.distill.teacher import TeacherSample, selectable_keys
+from specontext_compiler.distill.teacher import TeacherSample, autocast, selectable_keys
 from specontext_compiler.runtime import selection
 from specontext_compiler.runtime.retrieval_head import RetrievalHead
 
@@ -37,13 +37,13 @@ def fused_student(base: RetrievalHead, feature_layers: tuple[int, ...], seed: in
 
     def widen(weight: torch.Tensor) -> torch.Tensor:
         fresh = _linear_init(weight.shape[0], 2 * hidden, generator)[:, hidden:] * FEATURE_INIT_SCALE
-        return torch.cat([weight.detach().float(), fresh], dim=1)
+        return torch.cat([weight.detach().float().cpu(), fresh], dim=1)
 
     return RetrievalHead(
-        embedding=base.embedding, norm_weight=base.norm_weight.detach().float().clone(),
+        embedding=base.embedding, norm_weight=base.norm_weight.detach().float().cpu().clone(),
         q_weight=widen(base.q_weight), k_weight=widen(base.k_weight),
-        q_bias=None if base.q_bias is None else base.q_bias.detach().float().clone(),
-        k_bias=None if base.k_bias is None else base.k_bias.detach().float().clone(),
+        q_bias=None if base.q_bias is None else base.q_bias.detach().float().cpu(),
+        k_bias=None if base.k_bias is None else base.k_bias.detach().float().cpu(),
         num_heads=base.num_heads, num_kv_heads=base.num_kv_heads, head_dim=base.head_dim,
         norm_eps=base.norm_eps, rope=base.rope, max_position_embeddings=base.max_position_embeddings,
         embedding_shared=base.embedding_shared, embedding_name=base.embedding_name,
@@ -68,12 +68,14 @@ def trainable(head: RetrievalHead) -> list[torch.Tensor]:
 
 def attention_logits(head: RetrievalHead, sample: TeacherSample) -> torch.Tensor:
     """The head's logits [Hq, P, T] at the sample's query positions over all its keys."""
-    seq_len = len(sample.ids)
-    previous = RetrievalHead.shift_features(sample.features[None].float())
-    x = head.projection_input(head.embedding.detach()[sample.ids][None].float(), previous)
-    q, k = head.qk_from_input(x, torch.arange(seq_len)[None])
+    seq_len, device = len(sample.ids), head.q_weight.device
+    previous = RetrievalHead.shift_features(sample.features[None].to(device).float())
+    embedded = head.embedding.detach()[sample.ids.to(head.embedding.device)][None].to(device).float()
+    x = head.projection_input(embedded, previous)
+    q, k = head.qk_from_input(x, torch.arange(seq_len, device=device)[None])
     k = k[0].repeat_interleave(head.num_heads // head.num_kv_heads, dim=0)
-    return torch.einsum("hpd,htd->hpt", q[0][:, sample.positions], k) * head.scaling
+    with torch.autocast(device.type, enabled=False):       # the ranking needs fp32 logits
+        return torch.einsum("hpd,htd->hpt", q[0][:, sample.positions.to(device)].float(), k.float()) * head.scaling
 
 
 LOSS_LEVELS = ("head", "group")
@@ -100,9 +102,9 @@ def loss_and_recall(head: RetrievalHead, sample: TeacherSample, recent: int,
                     level: str = "head") -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy of the teacher against the head over the selectable keys (per head or per
     selection group, `cross_entropy`); recall at each k."""
-    seq_len = len(sample.ids)
-    allowed = selectable_keys(sample.positions, seq_len, recent)
-    teacher = sample.teacher.float()
+    seq_len, device = len(sample.ids), head.q_weight.device
+    allowed = selectable_keys(sample.positions, seq_len, recent).to(device)
+    teacher = sample.teacher.to(device).float()
     log_probs = attention_logits(head, sample).masked_fill(~allowed, -1e9).log_softmax(-1)
     loss = cross_entropy(teacher, log_probs, head.selection_kv_heads, level)
     with torch.no_grad():
@@ -128,7 +130,7 @@ def evaluate(head: RetrievalHead, samples: list[TeacherSample], recent: int,
              recall_at: tuple[int, ...] = RECALL_AT, level: str = "head") -> dict[str, float]:
     """Mean loss and recall over samples."""
     totals: dict[str, float] = {}
-    with torch.no_grad():
+    with torch.no_grad(), autocast(head.q_weight.device):
         for sample in samples:
             loss, recall = loss_and_recall(head, sample, recent, recall_at, level)
             for name, value in {"loss": float(loss), **recall}.items():
@@ -138,34 +140,41 @@ def evaluate(head: RetrievalHead, samples: list[TeacherSample], recent: int,
 
 def fit(base: RetrievalHead, train: list[TeacherSample], validation: list[TeacherSample], *,
         feature_layers: tuple[int, ...], epochs: int, lr: float, seed: int, recent: int,
-        recall_at: tuple[int, ...] = RECALL_AT, level: str = "head",
-        progress: Callable[[str], None] | None = None) -> tuple[RetrievalHead, list[dict]]:
-    """(trained fused head, per-epoch validation history; entry 0 is before training).
+        recall_at: tuple[int, ...] = RECALL_AT, level: str = "head", device: str | torch.device = "cpu",
+        progress: Callable[[int, int, str], None] | None = None) -> tuple[RetrievalHead, list[dict]]:
+    """(trained fused head on `device`, per-epoch validation history; entry 0 is before training).
 
-    AdamW without weight decay, one sequence per step, a one-cycle learning-rate schedule."""
-    head = fused_student(base, feature_layers, seed)
+    AdamW without weight decay, one sequence per step, a one-cycle learning-rate schedule; fp32
+    weights, bf16 autocast on CUDA. Samples may live on the CPU: each step moves one sequence.
+    progress(steps done, steps in all, note) after every step; note is the epoch's validation line."""
+    device = torch.device(device)
+    head = fused_student(base, feature_layers, seed).to(device)
     history = [{"epoch": 0, **evaluate(head, validation, recent, recall_at, level)}]
-    _log(progress, history[-1])
+    steps, done = epochs * len(train), 0
+    _log(progress, history[-1], done, steps)
     parameters = trainable(head)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(train),
-                                                   pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     order = torch.Generator().manual_seed(seed)
     for epoch in range(1, epochs + 1):
         for index in torch.randperm(len(train), generator=order).tolist():
-            loss, _ = loss_and_recall(head, train[index], recent, recall_at, level)
+            with autocast(device):
+                loss, _ = loss_and_recall(head, train[index], recent, recall_at, level)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
+            done += 1
+            if progress is not None and done % len(train):
+                progress(done, steps, "")
         history.append({"epoch": epoch, **evaluate(head, validation, recent, recall_at, level)})
-        _log(progress, history[-1])
+        _log(progress, history[-1], done, steps)
     for tensor in parameters:
         tensor.requires_grad_(False)
     return head, history
 
 
-def _log(progress: Callable[[str], None] | None, entry: dict) -> None:
+def _log(progress: Callable[[int, int, str], None] | None, entry: dict, done: int, steps: int) -> None:
     if progress is not None:
         figures = ", ".join(f"{name} {value:.4f}" for name, value in entry.items() if name != "epoch")
-        progress(f"epoch {entry['epoch']}: validation {figures}")
+        progress(done, steps, f"epoch {entry['epoch']}: validation {figures}")

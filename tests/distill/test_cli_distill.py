@@ -3,6 +3,7 @@ import pytest
 from typer.testing import CliRunner
 
 from specontext_compiler import cli, smollm2
+from specontext_compiler.distill.head_file import distill_metadata
 from specontext_compiler.runtime.retrieval_head import RetrievalHead
 
 runner = CliRunner()
@@ -28,7 +29,7 @@ def test_non_positive_numbers_exit_2(tmp_path, args, word):
     assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "h.safetensors"), *args), word)
 
 
-@pytest.mark.parametrize("text", ["19-x", "24-19", "a,b", "-3"])
+@pytest.mark.parametrize("text", ["19-x", "24-19", "a,b", "-3", "best"])
 def test_bad_teacher_layers_exit_2_before_the_model_loads(tmp_path, text):
     assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "h.safetensors"), "--teacher-layers", text),
                           "--teacher-layers")
@@ -57,6 +58,44 @@ def test_distill_writes_the_head_and_prints_the_report(tmp_path, monkeypatch, de
     head = RetrievalHead.load(out)
     assert head.feature_layers == (3, 5, 6) and head.source == "distilled:tiny"
     assert [p.name for p in tmp_path.iterdir()] == ["head.safetensors"]     # no temporary left behind
+    record = distill_metadata(out)
+    assert record["teacher_layers"] == [4, 5, 6] and record["teacher_layer_choice"] is None
+    assert record["loss_level"] == "head" and record["device"] == "cpu" and "recall@128" in record["after"]
+
+
+def test_default_teacher_layers_are_chosen_and_their_scores_kept_in_the_file(tmp_path, monkeypatch, deep_model,
+                                                                             tokenizer):
+    monkeypatch.setattr(smollm2, "load_causal_lm", lambda source: (deep_model, tokenizer, tmp_path))
+    out = tmp_path / "head.safetensors"
+    result = invoke("tiny", "-o", str(out), "--sequences", "2", "--seq-len", "512", "--epochs", "1",
+                    "--device", "cpu", "--loss", "group")
+    assert result.exit_code == 0, result.output
+    assert "auto: far copy score" in result.stdout and "copy score, best layers" in result.stdout
+    choice = distill_metadata(out)["teacher_layer_choice"]
+    assert len(choice["scores"]) == deep_model.config.num_hidden_layers and choice["probed_queries"] > 0
+    best = max(choice["scores"])
+    assert choice["layers"] == [i for i, s in enumerate(choice["scores"]) if s >= 0.25 * best]
+    assert RetrievalHead.load(out).feature_layers == (3, 5, 6)          # the extra metadata does not disturb loading
+
+
+def test_device_cuda_without_a_gpu_and_an_unknown_device_exit_2(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(smollm2, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "h.safetensors"), "--device", "cuda"), "no GPU")
+    assert_one_line_error(invoke("smollm2", "-o", str(tmp_path / "h.safetensors"), "--device", "tpu"), "--device")
+
+
+def test_distill_metadata_of_a_plain_head_is_none_and_a_missing_file_is_an_error(tmp_path, model):
+    from specontext_compiler.dlm import extract_retrieval_head
+    from specontext_compiler.errors import SpecontextError
+    head, _ = extract_retrieval_head("self:0", model, llm=model)
+    assert distill_metadata(head.save(tmp_path / "plain.safetensors")) is None
+    with pytest.raises(SpecontextError, match="does not exist"):
+        distill_metadata(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SpecontextError, match="not a safetensors"):
+        distill_metadata(tmp_path / "junk.safetensors")
 
 
 @pytest.mark.parametrize("content", [b"weights of the user's model", None])

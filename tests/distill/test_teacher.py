@@ -53,3 +53,14 @@ def test_a_query_without_selectable_keys_is_refused(model):
         teacher.collect(model, torch.zeros(64, dtype=torch.long), torch.tensor([RECENT]), (0,), RECENT)
     with pytest.raises(SpecontextError, match="longer sequence"):
         teacher.query_positions(50, 8, [], recent=RECENT, min_context=64, seed=0)
+
+
+def test_a_bf16_model_gives_bf16_features_and_about_the_fp32_teacher(model):
+    import copy
+    seq_len, positions = 120, torch.tensor([60, 119])
+    ids = torch.randint(0, model.config.vocab_size, (seq_len,))
+    want = teacher.collect(model, ids, positions, feature_layers=(1,), recent=RECENT)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    got = teacher.collect(low, ids, positions, feature_layers=(1,), recent=RECENT)
+    assert got.features.dtype == torch.bfloat16 and got.teacher.dtype == torch.float16
+    assert float((got.teacher.float() - want.teacher.float()).abs().sum(-1).max()) < 0.1    # total variation

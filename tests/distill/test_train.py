@@ -15,13 +15,17 @@ def test_default_feature_layers_follow_eagle3_and_refuse_shallow_models():
 
 @pytest.mark.parametrize("level", ["head", "group"])
 def test_training_lowers_validation_loss_and_the_saved_head_loads_back(model, tokenizer, tmp_path, level):
-    epochs = []
+    events = []
     head, report = distill_retrieval_head(model, tokenizer, sequences=8, seq_len=512, feature_layers=(0, 1, 2),
-                                          epochs=3, queries=32, name="tiny", progress=epochs.append,
-                                          loss_level=level)
+                                          epochs=3, queries=32, name="tiny", loss_level=level,
+                                          progress=lambda *event: events.append(event))
     assert report["after"]["loss"] < report["before"]["loss"] and report["loss_level"] == level
     assert [entry["epoch"] for entry in report["history"]] == [0, 1, 2, 3]
-    assert sum(line.startswith("epoch") for line in epochs) == 4
+    notes = [note for stage, _, _, note in events if note]
+    assert sum(note.startswith("epoch") for note in notes) == 4
+    assert {stage for stage, *_ in events} == {"layers", "teacher", "training"}
+    assert ("teacher", 8, 8, "") in events and events[-1][1:3] == (21, 21)     # 7 training sequences x 3
+    assert report["teacher_layer_choice"]["layers"] == report["teacher_layers"]
     assert 0 < report["after"]["recall@128"] <= 1 + 1e-3
     assert head.fused and head.feature_layers == (0, 1, 2) and head.source == "distilled:tiny" and head.layer == 0
     assert report["params"] == head.param_count()
