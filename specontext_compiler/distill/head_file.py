@@ -48,4 +48,13 @@ def metadata_record(report: dict) -> dict:
     """What of a distillation report goes into the file: the choices and the measured outcome."""
     kept = ("source", "feature_layers", "teacher", "teacher_layers", "teacher_layer_choice", "loss_level",
             "sequences", "seq_len", "epochs", "lr", "recall_documents", "device", "before", "after")
-    return {key: report[key] for key in kept if key in report}
+    record = {key: report[key] for key in kept if key in report}
+    # The two facts `inspect` and plan.json show (specontext_compiler/head_info.py reads them by
+    # these names): why these teacher layers, and the recall measured on held-out distill text.
+    choice = report.get("teacher_layer_choice")
+    if choice:
+        record["teacher_layers_reason"] = choice.get("rule")
+    recall = {k: v for k, v in (report.get("after") or {}).items() if k.startswith("recall@")}
+    if recall:
+        record["recall"] = {f"held-out {k}": v for k, v in recall.items()}
+    return record

@@ -108,3 +108,15 @@ def test_an_existing_file_that_is_not_a_head_is_refused(tmp_path, monkeypatch, c
         out.write_bytes(content)
     assert_one_line_error(invoke("smollm2", "-o", str(out)), "not a specontext retrieval head")
     assert content is None or out.read_bytes() == content
+
+
+def test_a_distilled_heads_layers_reason_and_recall_reach_the_plan(tmp_path, monkeypatch, deep_model, tokenizer):
+    from specontext_compiler.head_info import head_file_facts
+    monkeypatch.setattr(smollm2, "load_causal_lm", lambda source: (deep_model, tokenizer, tmp_path))
+    out = tmp_path / "head.safetensors"
+    assert invoke("tiny", "-o", str(out), "--sequences", "2", "--seq-len", "512", "--epochs", "1",
+                  "--device", "cpu").exit_code == 0
+    facts = head_file_facts(out)
+    assert facts["teacher_layers"] == distill_metadata(out)["teacher_layers"]
+    assert "copy score" in facts["teacher_layers_reason"]
+    assert set(facts["recall"]) >= {"held-out recall@128"} and 0 <= facts["recall"]["held-out recall@128"] <= 1
