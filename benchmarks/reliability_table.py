@@ -32,7 +32,6 @@ class Case:
     as_nobody: bool = False               # root ignores permission bits: run this one as nobody
     fresh: bool = False                   # runs in its own copy of the inputs (it may delete them)
     expect: str = ""                      # words the error line must hold (tests/test_reliability_cli.py)
-    owner: str = field(default="this branch", compare=False)
 
 
 TRACEBACKS = "tracebacks -> exit 2"
@@ -95,11 +94,11 @@ CASES = [
     Case(INTEGRITY, "report.md edited", ("inspect", "plan_report_edit"), expect="report.md was changed"),
     Case(INTEGRITY, "manifest.json removed", ("inspect", "plan_no_manifest"), expect="no manifest.json"),
     Case(INTEGRITY, "budget: 0 with the manifest rewritten to match", ("inspect", "plan_budget_0_resealed"), expect="workload.budget is 0"),
-    Case(DATA_LOSS, "-o . (the current directory)", ("compile", "tiny", "--max-len", "2k", "-o", "."), fresh=True, owner="lead"),
-    Case(DATA_LOSS, "-o '' (the current directory)", ("compile", "tiny", "--max-len", "2k", "-o", ""), fresh=True, owner="lead"),
-    Case(DATA_LOSS, "-o tiny (the model's own folder)", ("compile", "tiny", "--max-len", "2k", "-o", "tiny"), fresh=True, owner="lead"),
-    Case(DATA_LOSS, "-o notes.txt (a file)", ("compile", "tiny", "--max-len", "2k", "-o", "notes.txt"), fresh=True, owner="lead"),
-    Case(DATA_LOSS, "-o somedir (a folder with files)", ("compile", "tiny", "--max-len", "2k", "-o", "somedir"), fresh=True, owner="lead"),
+    Case(DATA_LOSS, "-o . (the current directory)", ("compile", "tiny", "--max-len", "2k", "-o", "."), fresh=True, expect="current directory"),
+    Case(DATA_LOSS, "-o '' (the current directory)", ("compile", "tiny", "--max-len", "2k", "-o", ""), fresh=True, expect="current directory"),
+    Case(DATA_LOSS, "-o tiny (the model's own folder)", ("compile", "tiny", "--max-len", "2k", "-o", "tiny"), fresh=True, expect="did not write"),
+    Case(DATA_LOSS, "-o notes.txt (a file)", ("compile", "tiny", "--max-len", "2k", "-o", "notes.txt"), fresh=True, expect="not a directory"),
+    Case(DATA_LOSS, "-o somedir (a folder with files)", ("compile", "tiny", "--max-len", "2k", "-o", "somedir"), fresh=True, expect="did not write"),
 ]
 
 
@@ -271,22 +270,38 @@ def _fresh_copy(work: Path, scratch: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "RELIABILITY.md")
+    parser.add_argument("--sections", help="re-run only these sections (comma separated titles) and "
+                        "replace them in an existing --out")
     args = parser.parse_args()
+    wanted = set(args.sections.split(",")) if args.sections else None
     scratch = Path(tempfile.mkdtemp(prefix="specontext-reliability-"))
     scratch.chmod(0o755)
     try:
         work = make_inputs(scratch / "inputs")
         rows = []
-        for case in CASES:
+        for case in (c for c in CASES if wanted is None or c.section in wanted):
             where = _fresh_copy(work, scratch) if case.fresh else work
             result, line = run_api_case(case, where) if case.api else run_cli_case(case, where)
             after = _left_behind(where) if case.fresh else ""
             rows.append((case, result, line.replace(str(where), "."), after))
             print(f"{case.section:24} {case.label:50} {result:14} {line[:100]}", flush=True)
-        args.out.write_text(render(rows))
+        text = render(rows)
+        if wanted is not None:
+            text = splice_sections(args.out.read_text(), text)
+        args.out.write_text(text)
         print(f"wrote {args.out}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def splice_sections(document: str, partial: str) -> str:
+    """The document with each '## title' section that `partial` holds replaced by partial's."""
+    def split(text: str) -> tuple[str, dict[str, str]]:
+        head, *parts = text.split("\n## ")
+        return head, {part.split("\n", 1)[0]: part for part in parts}
+    head, sections = split(document)
+    sections.update(split(partial)[1])
+    return "\n## ".join([head, *sections.values()])
 
 
 def render(rows) -> str:
@@ -296,18 +311,16 @@ def render(rows) -> str:
            "stderr; Python API rows give the exception raised. The same CLI cases are tests in "
            "tests/test_reliability_cli.py; tests/test_reliability_plan_integrity.py, "
            "tests/test_reliability_inputs.py and tests/test_reliability_requests.py cover each class. "
-           "Rows marked for the lead's branch (`-o` replacing only a plan) show this branch's behaviour "
-           "until that fix is merged and the table regenerated; replacing a plan under concurrency and "
-           "interruption has its own tests there.", ""]
+           "Replacing a plan under concurrency and interruption has its own tests "
+           "(tests/runtime/test_atomic_dir.py, tests/test_plan_output.py).", ""]
     section = None
     for case, result, line, after in rows:
         if case.section != section:
             section = case.section
             out += ["", f"## {section}", "", "| case | command | result | first line |", "|---|---|---|---|"]
         command = ("`specontext " + " ".join(a if a else "''" for a in case.argv) + "`") if case.argv else "Python API"
-        note = f" (fixed on the {case.owner}'s branch)" if case.owner != "this branch" else ""
         cell = line.replace("|", "\\|")
-        out.append(f"| {case.label}{note} | {command} | {result}{after} | {cell} |")
+        out.append(f"| {case.label} | {command} | {result}{after} | {cell} |")
     return "\n".join(out) + "\n"
 
 
