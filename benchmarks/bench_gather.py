@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from pathlib import Path
 
 import torch
 
 from specontext_compiler.runtime.kernels import elastic_load as el
+from specontext_compiler.targets_probe import time_ms   # one timing rule for the probe and this sweep
 
 
 def host_kv(batch, heads, seq, dim, dtype, adjacent: bool):
@@ -48,21 +48,6 @@ def step_loads(batch, heads, seq, width, overlap, device) -> el.CompactLoads:
     entries = torch.full((3, total), -1, dtype=torch.int32, device=device)
     entries[:, :rows.numel()] = torch.stack([rows, pos, slot]).to(torch.int32)
     return el.CompactLoads(entries, torch.tensor([rows.numel()], dtype=torch.int32, device=device))
-
-
-def time_ms(fn, repeats: int) -> float:
-    """Median of `repeats` event-timed calls after two warm-ups."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 class GemmLoad:

@@ -55,7 +55,7 @@ def require_cuda() -> None:
                               "`specontext targets --probe -o my-gpu.toml` on the GPU machine")
 
 
-def _time_ms(fn, repeats: int = 10, warmup: int = 2) -> float:
+def time_ms(fn, repeats: int = 10, warmup: int = 2) -> float:
     """Median of event-timed calls of fn on the current stream."""
     import torch
     for _ in range(warmup):
@@ -86,14 +86,14 @@ def probe_copies(device) -> list[Figure]:
     import torch
     src = torch.empty(1 << 30, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    hbm_ms = _time_ms(lambda: dst.copy_(src))
+    hbm_ms = time_ms(lambda: dst.copy_(src))
     hbm = 2 * src.numel() * 2 / hbm_ms / 1e6
     del src, dst
     host = torch.empty(256 << 20, dtype=torch.bfloat16, pin_memory=True).normal_()
     dev = torch.empty_like(host, device=device)
     nbytes = host.numel() * 2
-    h2d = nbytes / _time_ms(lambda: dev.copy_(host, non_blocking=True)) / 1e6
-    d2h = nbytes / _time_ms(lambda: host.copy_(dev, non_blocking=True)) / 1e6
+    h2d = nbytes / time_ms(lambda: dev.copy_(host, non_blocking=True)) / 1e6
+    d2h = nbytes / time_ms(lambda: host.copy_(dev, non_blocking=True)) / 1e6
     return [Figure("hbm_gbps", round(hbm, 1), "2 GiB bf16 device-to-device copy, read + write counted"),
             Figure("h2d_gbps", round(h2d, 2), "512 MiB pinned host -> device copy"),
             Figure("d2h_gbps", round(d2h, 2), "512 MiB device -> pinned host copy")]
@@ -102,7 +102,7 @@ def probe_copies(device) -> list[Figure]:
 def probe_bf16(device) -> Figure:
     import torch
     a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in "ab")
-    ms = _time_ms(lambda: a @ b)
+    ms = time_ms(lambda: a @ b)
     return Figure("bf16_tflops", round(2 * 8192 ** 3 / ms / 1e9, 1), "8192^3 bf16 matmul, random data")
 
 
@@ -160,12 +160,12 @@ def _beside(timed, other, other_ms: float, repeats: int = 10) -> float:
     """Median time of timed() while other() keeps a second stream busy (queued to outlast it)."""
     import torch
     side = torch.cuda.Stream()
-    timed_ms = _time_ms(timed, repeats=2)
+    timed_ms = time_ms(timed, repeats=2)
     count = int((repeats + 4) * timed_ms / max(other_ms, 1e-3) * 1.5) + 8
     with torch.cuda.stream(side):
         for _ in range(count):
             other()
-    ms = _time_ms(timed, repeats=repeats)
+    ms = time_ms(timed, repeats=repeats)
     side.synchronize()
     return ms
 
@@ -183,10 +183,10 @@ def probe_contention(device, hbm_gbps: float, host_bytes: int) -> list[Figure]:
     """The runtime's gather alone (small and long-context host spans), beside decode-like compute
     (long span), and that compute's slowdown beside it."""
     small = _Gather(device)
-    small_gbps, small_span = small.bytes / _time_ms(small) / 1e6, small.span_bytes
+    small_gbps, small_span = small.bytes / time_ms(small) / 1e6, small.span_bytes
     del small
     gather, decode = _Gather(device, seq=large_span_seq(host_bytes)), _DecodeLoop(device)
-    gather_ms, decode_ms = _time_ms(gather), _time_ms(decode)
+    gather_ms, decode_ms = time_ms(gather), time_ms(decode)
     gather_beside_ms = _beside(gather, decode, decode_ms)
     decode_beside_ms = _beside(decode, gather, gather_ms)
     s = GATHER_SHAPE
@@ -218,7 +218,7 @@ def probe_small_kernels(device) -> list[Figure]:
     with torch.cuda.graph(graph):
         for i in range(SMALL_KERNELS_PER_LAYER):
             y.mul_(0.5) if i % 2 else y.add_(x)
-    per_layer_us = _time_ms(lambda: [graph.replay() for _ in range(20)]) / 20 * 1e3
+    per_layer_us = time_ms(lambda: [graph.replay() for _ in range(20)]) / 20 * 1e3
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(200):

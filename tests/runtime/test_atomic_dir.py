@@ -43,7 +43,20 @@ def leftovers(final: Path) -> list[str]:
                   and not p.name.endswith(".lock"))
 
 
-def _writer(final: str, tag: str, use_exchange: bool, errors) -> None:
+def run_two_writers(target, *args) -> None:
+    """Run target(*args, tag, errors) in two processes (tags a and b); fail on any error they report."""
+    context = multiprocessing.get_context("fork")
+    errors = context.Queue()
+    writers = [context.Process(target=target, args=(*args, tag, errors)) for tag in "ab"]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(timeout=120)
+    assert [p.exitcode for p in writers] == [0, 0]
+    assert errors.empty(), errors.get()
+
+
+def _writer(final: str, use_exchange: bool, tag: str, errors) -> None:
     if not use_exchange:
         atomic_dir._exchange = lambda first, second: False
     try:
@@ -57,15 +70,7 @@ def _writer(final: str, tag: str, use_exchange: bool, errors) -> None:
 def test_two_processes_replacing_one_plan(tmp_path, use_exchange):
     final = tmp_path / "plan"
     write(final, "first")
-    context = multiprocessing.get_context("fork")
-    errors = context.Queue()
-    writers = [context.Process(target=_writer, args=(str(final), tag, use_exchange, errors)) for tag in "ab"]
-    for process in writers:
-        process.start()
-    for process in writers:
-        process.join(timeout=120)
-    assert [p.exitcode for p in writers] == [0, 0]
-    assert errors.empty(), errors.get()
+    run_two_writers(_writer, str(final), use_exchange)
     assert_whole_plan(final, {f"{t}-{WRITES_PER_PROCESS - 1}" for t in "ab"})
     assert leftovers(final) == []
 
@@ -165,15 +170,7 @@ def _cache_writer(final: str, tag: str, errors) -> None:
 def test_two_processes_filling_one_cache(tmp_path):
     """The GGUF conversion cache: the first writer wins, the other drops its copy, no staging is left."""
     final = tmp_path / "cache" / "smollm2-abc"
-    context = multiprocessing.get_context("fork")
-    errors = context.Queue()
-    writers = [context.Process(target=_cache_writer, args=(str(final), tag, errors)) for tag in "ab"]
-    for process in writers:
-        process.start()
-    for process in writers:
-        process.join(timeout=120)
-    assert [p.exitcode for p in writers] == [0, 0]
-    assert errors.empty(), errors.get()
+    run_two_writers(_cache_writer, str(final))
     assert (final / "model.safetensors").read_bytes() in (b"a" * 1000, b"b" * 1000)
     assert leftovers(final) == []
 

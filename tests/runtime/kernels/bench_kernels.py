@@ -13,7 +13,7 @@ def _gbps(nbytes, ms):
     return nbytes / ms / 1e6
 
 
-def _time_ms(fn):
+def time_ms(fn):
     """GPU time of one call replayed from a CUDA graph (how the runtime runs it: no launch overhead)."""
     fn()
     return triton.testing.do_bench_cudagraph(fn)
@@ -29,7 +29,7 @@ def main():
         idx = torch.stack([torch.randperm(seq, device=dev)[:width].sort().values
                            for _ in range(batch * kv_heads)]).view(batch, kv_heads, width).int()
         kn, vn = k[:, :, 0].contiguous(), v[:, :, 0].contiguous()
-        ms = _time_ms(lambda: sd.sparse_decode(q, k, v, idx, kn, vn, 0.088))
+        ms = time_ms(lambda: sd.sparse_decode(q, k, v, idx, kn, vn, 0.088))
         print(f"sparse_decode B={batch} Hq=32 Hkv=8 W={width} D=128 bf16: {ms * 1e3:.1f} us, "
               f"{_gbps(sd.sparse_decode_bytes(q, k, v, idx), ms):.0f} GB/s")
         host_k = torch.randn(batch, kv_heads, seq, dim, dtype=bf16).pin_memory()
@@ -38,11 +38,11 @@ def main():
         buf_v = torch.empty_like(buf_k)
         empty = torch.full_like(idx, -1)
         load_pos, load_slot, _ = el.elastic_diff(empty, idx)        # a cold buffer: every row loads
-        ms = _time_ms(lambda: el.gather_rows(host_k, host_v, buf_k, buf_v, load_pos, load_slot))
+        ms = time_ms(lambda: el.gather_rows(host_k, host_v, buf_k, buf_v, load_pos, load_slot))
         nbytes = int(el.gather_rows_bytes(load_pos, 1, dim, dim, 2)) // 2   # bytes over PCIe (reads)
         print(f"gather_rows pinned->GPU B={batch} rows={batch * kv_heads * width} (K and V rows of 256 B): "
               f"{ms * 1e3:.1f} us, {_gbps(nbytes, ms):.1f} GB/s host reads")
-        ms = _time_ms(lambda: el.elastic_diff(empty, idx))
+        ms = time_ms(lambda: el.elastic_diff(empty, idx))
         print(f"elastic_diff B={batch} G=8 W={width}: {ms * 1e3:.1f} us")
 
 
