@@ -73,7 +73,7 @@ def check_replaceable(final: Path, may_replace: Callable[[Path], bool]) -> None:
     for _ in range(100):
         try:
             before = os.lstat(final)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):     # absent (or under a file: the caller says so)
             return
         if stat.S_ISLNK(before.st_mode) or not stat.S_ISDIR(before.st_mode):
             raise DirectoryInUse("it exists and is not a directory")
@@ -93,7 +93,7 @@ def check_replaceable(final: Path, may_replace: Callable[[Path], bool]) -> None:
 def _inode(path: Path) -> int | None:
     try:
         return os.lstat(path).st_ino
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
