@@ -62,9 +62,10 @@ app = typer.Typer(cls=_OneLineErrors, help="SpeContext ahead-of-time compiler: p
                        "inspect plans, run them.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False)
 _STATE = {"debug": False}
-# optional dependency (top-level module) -> the pip extra that brings it
+# optional dependency (top-level module) -> what to pip install for it (an extra, or triton itself)
 _EXTRAS = {"matplotlib": "specontext[plot]", "gguf": "specontext[gguf]", "accelerate": "specontext[gguf]",
-           "fastapi": "specontext[serve]", "uvicorn": "specontext[serve]"}
+           "fastapi": "specontext[serve]", "uvicorn": "specontext[serve]",
+           "triton": "triton"}    # a dependency on Linux, where its wheels exist
 PROGRESS_DELAY_S = 1.0
 
 
@@ -415,10 +416,11 @@ def run_cmd(
 
     Example: specontext run plans/smollm2-a100 --prompt "Hello" --chat
     """
+    from specontext_compiler.dlm import head_for_plan
     from specontext_compiler.runtime.plan import load_plan
     from specontext_compiler.serve import resolve_model
     plan = load_plan(plan_dir)
-    engine = plan.bind(resolve_model(plan, model), dlm=str(dlm) if dlm else None)
+    engine = plan.bind(resolve_model(plan, model), dlm=head_for_plan(str(dlm), plan) if dlm else None)
     tokenizer = getattr(engine, "tokenizer", None)
     if chat:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
