@@ -248,7 +248,7 @@ def compile_cmd(
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len is not None else None
     check_level(level)
     out_dir = out or _default_out(model, target, str(target_file) if target_file else None)
-    with _StageProgress(enabled=not as_json, stages=tuple(getattr(driver, "STAGES", ()))) as progress, \
+    with _StageProgress(enabled=not as_json, stages=driver.STAGES) as progress, \
             _one_line_warnings():
         plan = driver.compile_model(model, target, max_len_tokens, batch=_parse_batch(batch), budget=budget,
                              sink_tokens=sinks, recent_tokens=recent, out=out_dir, dlm=dlm,
