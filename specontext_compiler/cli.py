@@ -97,10 +97,20 @@ def _edge(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from specontext_compiler import __version__
+        sys.stdout.write(f"specontext {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(debug: Annotated[bool, typer.Option(
         "--debug", envvar="SPECONTEXT_DEBUG",
-        help="Show the full traceback on errors (also SPECONTEXT_DEBUG=1).")] = False) -> None:
+        help="Show the full traceback on errors (also SPECONTEXT_DEBUG=1).")] = False,
+            version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print specontext's version and exit.")] = False) -> None:
     """SpeContext ahead-of-time compiler.
 
     Example: specontext compile llama-3.1-8b --target a100 --max-len 128k -o plans/llama
