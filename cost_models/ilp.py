@@ -29,7 +29,7 @@ ahead of its attention to hide its transfer, so the offloaded set can be a suffi
 last-layer-first rule) without losing optimality; the constraint on_gpu[s, j+1] <= on_gpu[s, j]
 removes the equivalent permutations. tests check it changes no objective on a small model.
 """
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from specontext_compiler.cost_models import latency, memory
 from specontext_compiler.cost_models import solver as lp
@@ -63,9 +63,6 @@ class Solution:
     solver: dict                        # name, status, time_s, objective (seconds of decode)
     predicted: dict                     # decode_s, tokens_per_s over the whole generation
     batch_search: list[dict] = field(default_factory=list)  # auto: {batch, tokens_per_s} tried
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def segment_bounds(prompt_len: int, max_len: int, num_segments: int = NUM_SEGMENTS) -> list[tuple[int, int]]:
@@ -160,7 +157,7 @@ def _solve_batch(spec: ModelSpec, workload: Workload, target: Target, time_limit
     if not stats.has_solution:
         raise InfeasiblePlanError(
             f"the residency ILP found no plan ({stats.status}) at batch {workload.batch}; "
-            f"raise --time-limit or lower --batch/--max-len")
+            f"lower --batch or --max-len")
     return _solution(spec, workload, target, bounds, on_gpu, stats)
 
 

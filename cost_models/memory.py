@@ -14,9 +14,9 @@ from specontext_compiler.cost_models.workload import Workload
 
 GIB = 1024 ** 3
 FIXED_RESERVE_BYTES = 9 * GIB // 2   # CUDA context (0.55 GB measured on our H100), cuBLAS, graph pool, allocator slack;
-#   1 GiB was too little: a 128k plan packed to 84.96 GB failed to allocate on the H100 (2026-11-23);
-#   3 GiB too: the [32k, 2k] plan (18 requests, 84.6 GB) found 3.2 GiB in use outside PyTorch's
-#   allocations and 1.1 GiB short when growing a layer in decode (benchmarks/RESULTS.md runs 15-17)
+#   a smaller reserve lets a plan packed near full HBM fail to allocate: about 3.2 GiB is in use
+#   outside PyTorch's allocations and a layer's growth in decode needs headroom beside it
+#   (benchmarks/RESULTS.md has the measurements)
 PINNABLE_HOST_FRACTION = 0.65   # measured on the H100 host (135 GB): 77.3 GB pinned ran, 96.6 GB killed the process
 FP32_BYTES = 4
 PREFILL_CHUNK_TOKENS = 256       # runtime/engine.py prefills in chunks of this many tokens

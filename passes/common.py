@@ -56,9 +56,6 @@ class SparseAttentionSite:
     """An attention rewritten to attend over selected rows; selection sizes are plan parameters."""
 
     site: AttentionSite
-    budget: int | None
-    sink_tokens: int | None
-    recent_tokens: int | None
 
 
 @dataclass(frozen=True)

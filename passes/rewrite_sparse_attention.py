@@ -4,8 +4,8 @@
 `specontext::sparse_attention(q, k, v, indices, layer, scaling)`, where indices is the retrieval
 head's output. The op appends the new k/v to the runtime's KV store and attends over the selected
 rows plus sinks, the recent window and the new token; prefill (T > 1) stays dense inside the op.
-Budget, sink and recent sizes are plan parameters read by the runtime: they are recorded here
-(SparseAttentionSite) only so the report can show them next to each layer.
+Budget, sink and recent sizes are plan parameters (plan.json's workload) that the runtime reads;
+the graph does not carry them.
 
 Sliding-window layers (`window_layers`) keep their dense attention: each token sees only its
 window, which the runtime applies, so they need no selection.
@@ -28,9 +28,7 @@ from specontext_compiler.runtime import ops
 class RewriteSparseAttention(PassBase):
     """Replace every specontext::attention by specontext::sparse_attention fed by retrieve."""
 
-    def __init__(self, budget: int | None = None, sink_tokens: int | None = None,
-                 recent_tokens: int | None = None, window_layers=()) -> None:
-        self.budget, self.sink_tokens, self.recent_tokens = budget, sink_tokens, recent_tokens
+    def __init__(self, window_layers=()) -> None:
         self.window_layers = frozenset(int(i) for i in window_layers)
         self.counters: Counter = Counter()
 
@@ -54,8 +52,7 @@ class RewriteSparseAttention(PassBase):
             with gm.graph.inserting_before(node):
                 sparse = gm.graph.call_function(sparse_op, (q, k, v, indices, layer, scaling))
             sparse.meta.update({key: value for key, value in node.meta.items() if key != META_KEY})
-            sparse.meta[META_KEY] = SparseAttentionSite(node.meta[META_KEY], self.budget,
-                                                        self.sink_tokens, self.recent_tokens)
+            sparse.meta[META_KEY] = SparseAttentionSite(node.meta[META_KEY])
             node.replace_all_uses_with(sparse)
             gm.graph.erase_node(node)
             self.counters["rewrite_sparse_attention"] += 1

@@ -52,6 +52,9 @@ def publish_dir(final: Path, write_into: Callable[[Path], None], *,
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(final)
     staging = Path(tempfile.mkdtemp(prefix=_prefix(final, _STAGING), dir=final.parent))
+    # mkdtemp makes the directory private (0700); the published one gets what mkdir would give
+    # under the user's umask, so that a plan is readable by the group like the files inside it.
+    os.chmod(staging, _mkdir_mode())
     try:
         write_into(staging)
         if not _move_into_place(staging, final):
@@ -62,6 +65,13 @@ def publish_dir(final: Path, write_into: Callable[[Path], None], *,
     finally:
         _remove_tree(staging)
     return final
+
+
+def _mkdir_mode() -> int:
+    """0o777 less the process umask (read by setting it, the only portable way, and restoring it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def check_replaceable(final: Path, may_replace: Callable[[Path], bool]) -> None:

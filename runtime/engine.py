@@ -9,6 +9,7 @@ generate() and stream() are thin clients of the scheduler.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from collections import deque
@@ -236,22 +237,37 @@ def _pick_device(device) -> torch.device:
 
 
 def _retrieval_head(plan, hf_model, dlm, device, dtype):
+    """The head bind uses: dlm= (a RetrievalHead, a head file or an HF model in memory), else the
+    plan's head file, else one derived from the bound LLM at the plan's layer."""
+    from specontext_compiler.runtime import head_extract
     from specontext_compiler.runtime.retrieval_head import RetrievalHead
     info = plan.retrieval_head or {}
-    if dlm is not None:
-        from specontext_compiler.dlm import extract_retrieval_head  # compiler side, only on request
-        head, _ = extract_retrieval_head(dlm, hf_model.config, layer=info.get("layer"),
-                                         level=plan.workload.get("level", "head"))
-    elif info.get("file"):
+    level = plan.workload.get("level", "head")
+    geometry = head_extract.llm_geometry(hf_model.config)
+    if isinstance(dlm, RetrievalHead):
+        head = head_extract.fit_to_llm(dlm, geometry, level)
+    elif _is_head_file(dlm):
+        head = RetrievalHead.load(dlm)
+        head_extract.check_head_file(head, geometry, dlm)
+        head = head_extract.fit_to_llm(head, geometry, level)
+    elif dlm is not None and not isinstance(dlm, torch.nn.Module):
+        raise ModelMismatchError(
+            f"bind(dlm={dlm!r}) takes a RetrievalHead, a retrieval-head .safetensors file or an HF model in "
+            "memory; extract a head from a checkpoint directory or GGUF file with "
+            "specontext_compiler.dlm.extract_retrieval_head (the CLI's --dlm does this)")
+    elif info.get("file") and dlm is None:
         head = RetrievalHead.load(plan.directory / info["file"], device=device, dtype=dtype)
     else:
-        from specontext_compiler.dlm import extract_retrieval_head
-        head, _ = extract_retrieval_head(hf_model, hf_model.config, layer=info.get("layer"),
-                                         level=plan.workload.get("level", "head"))
+        head = head_extract.head_from_model(dlm if dlm is not None else hf_model, geometry,
+                                            info.get("layer"), level)
     if head.embedding is None:         # a head that shares the LLM's table: the bound weights
         head.attach_embedding(hf_model.get_input_embeddings().weight)
     _check_feature_layers(info, head)
     return head.to(device=device, dtype=dtype)
+
+
+def _is_head_file(dlm) -> bool:
+    return isinstance(dlm, (str, os.PathLike)) and str(dlm).endswith(".safetensors")
 
 
 def _check_feature_layers(info: dict, head) -> None:
@@ -265,7 +281,7 @@ def _check_feature_layers(info: dict, head) -> None:
 
 
 def _build_context(plan, head, batch, device, dtype) -> StepContext:
-    from specontext_compiler.cost_models.model_spec import ModelSpec
+    from specontext_compiler.runtime.model_spec import ModelSpec
     from specontext_compiler.runtime.kernel_set import kernels_for
     from specontext_compiler.runtime import memory_check, selection
     spec = ModelSpec.from_dict(plan.model)

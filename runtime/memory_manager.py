@@ -72,9 +72,8 @@ class MemoryManager:
 
 def _return_cached_blocks() -> None:
     """Give the caching allocator's free blocks back before a grow, so that fragments left by the
-    prefill can serve the grown cache. Alone it did not save the [32k, 2k] workload (run 17: the
-    plan itself was 1.1 GiB too full, fixed in the memory model); kept because it is cheap: once
-    per residency segment."""
+    prefill can serve the grown cache. The memory model's reserve is what makes a plan fit; this
+    only helps at the margin, and costs one call per residency segment."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

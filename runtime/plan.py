@@ -36,9 +36,8 @@ class Segment:
 class PrefetchSlot:
     """Where an offloaded layer's prefetch is issued and waited on, in the decode step."""
 
-    layer: int
+    layer: int                # the wait sits right before this layer's attention
     issue_before_layer: int   # the prefetch-issue node sits before this layer's attention (0 = step start)
-    wait_before_layer: int    # always == layer: the wait sits right before the layer's attention
 
 
 @dataclass
@@ -87,13 +86,19 @@ class Plan:
             raise PlanError(f"plan.json lacks {', '.join(sorted(missing))}; recompile the plan")
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["segments"] = [Segment(**s) for s in data["segments"]]
-        kwargs["schedule"] = [PrefetchSlot(**s) for s in data["schedule"]]
+        kwargs["schedule"] = [_prefetch_slot(s) for s in data["schedule"]]
         return cls(**kwargs)
 
     def bind(self, model, dlm=None, **options):
         """Bind weights (an HF model in memory or a local directory) and return an Engine."""
         from specontext_compiler.runtime.engine import Engine
         return Engine.from_plan(self, model, dlm=dlm, **options)
+
+
+def _prefetch_slot(record: dict) -> PrefetchSlot:
+    """A schedule entry; plans written before the wait layer was implied still carry
+    wait_before_layer (always equal to layer), which is read past."""
+    return PrefetchSlot(**{k: v for k, v in record.items() if k != "wait_before_layer"})
 
 
 def _check_version(version: Any) -> None:

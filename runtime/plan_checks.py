@@ -73,7 +73,6 @@ def _check_schedule(schedule, num_layers: int, where: str) -> None:
     for i, slot in enumerate(schedule):
         layer = _int(slot.layer, where, f"schedule[{i}].layer", low=0, high=num_layers - 1)
         _int(slot.issue_before_layer, where, f"schedule[{i}].issue_before_layer", low=0, high=layer)
-        _int(slot.wait_before_layer, where, f"schedule[{i}].wait_before_layer", low=layer, high=layer)
 
 
 def _check_files_listed(plan, listed: set[str], where: str) -> None:

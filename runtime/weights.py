@@ -37,6 +37,11 @@ def load_hf_model(model, dtype: torch.dtype, device: torch.device):
     except (OSError, ValueError, struct.error) as exc:    # no weights, a truncated GGUF, a bad config
         raise ModelError(f"cannot load weights from {model}: {_first_words(exc)}; binding needs the model's "
                          "weights (a Hugging Face directory with model.safetensors, or a .gguf file)") from exc
+    except ImportError:                                    # transformers reads GGUF through gguf
+        if "gguf_file" not in kwargs:
+            raise
+        raise ModelError(f"loading {model} needs the gguf and accelerate packages; install them with: "
+                         "pip install 'specontext[gguf]'") from None
     return loaded.to(device).eval()
 
 

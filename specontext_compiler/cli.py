@@ -62,9 +62,10 @@ app = typer.Typer(cls=_OneLineErrors, help="SpeContext ahead-of-time compiler: p
                        "inspect plans, run them.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False)
 _STATE = {"debug": False}
-# optional dependency (top-level module) -> the pip extra that brings it
+# optional dependency (top-level module) -> what to pip install for it (an extra, or triton itself)
 _EXTRAS = {"matplotlib": "specontext[plot]", "gguf": "specontext[gguf]", "accelerate": "specontext[gguf]",
-           "fastapi": "specontext[serve]", "uvicorn": "specontext[serve]"}
+           "fastapi": "specontext[serve]", "uvicorn": "specontext[serve]",
+           "triton": "triton"}    # a dependency on Linux, where its wheels exist
 PROGRESS_DELAY_S = 1.0
 
 
@@ -96,10 +97,20 @@ def _edge(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from specontext_compiler import __version__
+        sys.stdout.write(f"specontext {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(debug: Annotated[bool, typer.Option(
         "--debug", envvar="SPECONTEXT_DEBUG",
-        help="Show the full traceback on errors (also SPECONTEXT_DEBUG=1).")] = False) -> None:
+        help="Show the full traceback on errors (also SPECONTEXT_DEBUG=1).")] = False,
+            version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print specontext's version and exit.")] = False) -> None:
     """SpeContext ahead-of-time compiler.
 
     Example: specontext compile llama-3.1-8b --target a100 --max-len 128k -o plans/llama
@@ -247,7 +258,7 @@ def compile_cmd(
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len is not None else None
     check_level(level)
     out_dir = out or _default_out(model, target, str(target_file) if target_file else None)
-    with _StageProgress(enabled=not as_json, stages=tuple(getattr(driver, "STAGES", ()))) as progress, \
+    with _StageProgress(enabled=not as_json, stages=driver.STAGES) as progress, \
             _one_line_warnings():
         plan = driver.compile_model(model, target, max_len_tokens, batch=_parse_batch(batch), budget=budget,
                              sink_tokens=sinks, recent_tokens=recent, out=out_dir, dlm=dlm,
@@ -415,10 +426,11 @@ def run_cmd(
 
     Example: specontext run plans/smollm2-a100 --prompt "Hello" --chat
     """
+    from specontext_compiler.dlm import head_for_plan
     from specontext_compiler.runtime.plan import load_plan
     from specontext_compiler.serve import resolve_model
     plan = load_plan(plan_dir)
-    engine = plan.bind(resolve_model(plan, model), dlm=str(dlm) if dlm else None)
+    engine = plan.bind(resolve_model(plan, model), dlm=head_for_plan(str(dlm), plan) if dlm else None)
     tokenizer = getattr(engine, "tokenizer", None)
     if chat:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):

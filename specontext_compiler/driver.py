@@ -96,11 +96,11 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
         schema_version=list(SCHEMA_VERSION), producer=_producer(),
         model={**spec.to_dict(), "layer_windows": windows, "config_sha256": models.config_sha256(source.config),
                "source": str(source.path) if source.path else None, "preset": source.preset},
-        target=hw.to_dict() if hasattr(hw, "to_dict") else dict(vars(hw)),
+        target=dict(vars(hw)),
         workload=workload_fields, retrieval_head=head_info,
         segments=[Segment(s.from_len, s.to_len, list(s.gpu_layers), list(s.offloaded_layers), dict(s.predicted))
                   for s in solution.segments],
-        schedule=[PrefetchSlot(layer, issue, layer) for layer, issue in solution.schedule],
+        schedule=[PrefetchSlot(layer, issue) for layer, issue in solution.schedule],
         prediction=_prediction(solution, spec, workload, hw), solver=dict(solution.solver),
         graph=graph_record, kernels=kernel_records, passes=pass_records)
 

@@ -82,6 +82,8 @@ def _config_problem(exc: Exception) -> str:
         return f"the file is truncated or not GGUF ({detail})"
     if isinstance(exc, ArithmeticError):
         return f"a head or layer count is zero ({detail})"
+    if isinstance(exc, ImportError):
+        return "reading a .gguf file needs the gguf package; install it with: pip install 'specontext[gguf]'"
     return detail
 
 

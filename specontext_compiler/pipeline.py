@@ -22,8 +22,7 @@ from specontext_compiler.passes.rewrite_sparse_attention import RewriteSparseAtt
 Progress = Callable[[str, float], None]
 
 
-def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *, budget: int | None = None,
-                 sink_tokens: int | None = None, recent_tokens: int | None = None,
+def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *,
                  feature_layers: Iterable[int] = (), window_layers: Iterable[int] = ()) -> list:
     """The pipeline, in order (feature_layers: a fused head's; none for a plain head;
     window_layers: sliding-window layers, which stay dense)."""
@@ -32,23 +31,22 @@ def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *, b
         FindAttention(),
         InsertRetrievalHead(),
         InsertFeatureTaps(feature_layers),
-        RewriteSparseAttention(budget, sink_tokens, recent_tokens, window_layers),
+        RewriteSparseAttention(window_layers),
         InsertPrefetch(offloaded_layers, schedule),
     ]
 
 
 def run_pipeline(gm: GraphModule, offloaded_layers: Iterable[int] = (), schedule: dict[int, int] | None = None,
                  progress: Progress | None = None, feature_layers: Iterable[int] = (),
-                 window_layers: Iterable[int] = (), **selection) -> tuple[GraphModule, list[dict]]:
+                 window_layers: Iterable[int] = ()) -> tuple[GraphModule, list[dict]]:
     """Run every pass on gm; returns the graph and [{pass, seconds, counters, nodes}] per pass.
 
     offloaded_layers: layers whose KV lives in host memory; schedule: {layer: issue_before_layer};
-    feature_layers: the hidden states a fused retrieval head reads (taps inserted for them);
-    selection: optional budget / sink_tokens / recent_tokens recorded for the report.
+    feature_layers: the hidden states a fused retrieval head reads (taps inserted for them).
     """
     records, done = [], []
     for graph_pass in build_passes(offloaded_layers, schedule or {}, feature_layers=feature_layers,
-                                   window_layers=window_layers, **selection):
+                                   window_layers=window_layers):
         name = type(graph_pass).__name__
         start = time.perf_counter()
         try:

@@ -191,7 +191,8 @@ def serve(plan_dir, model: str | None, host: str, port: int, dlm: str | None = N
     from specontext_compiler.runtime.plan import load_plan
     plan = load_plan(plan_dir)
     source = resolve_model(plan, model)
-    engine = plan.bind(source, dlm=dlm)
+    from specontext_compiler.dlm import head_for_plan
+    engine = plan.bind(source, dlm=head_for_plan(dlm, plan) if dlm else None)
     uvicorn.run(create_app(engine, model_name=str(model or plan.model.get("source") or plan_dir)),
                 host=host, port=port, log_level="info")
 

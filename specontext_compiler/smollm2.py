@@ -75,8 +75,9 @@ def _convert_gguf(directory: Path, gguf_file: str, cache_dir: Path) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype="float32")
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    except ImportError as exc:
-        raise ModelError(f"loading a GGUF file needs the gguf package ({exc}); run `pip install gguf`") from None
+    except ImportError:
+        raise ModelError("loading a GGUF file needs the gguf and accelerate packages; install them with: "
+                         "pip install 'specontext[gguf]'") from None
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config          # the weights below are plain fp32

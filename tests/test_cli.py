@@ -55,6 +55,13 @@ def test_help_has_an_example(command):
     assert "Example: specontext " + command in " ".join(result.stdout.replace("│", " ").split())
 
 
+def test_version_is_the_installed_distributions():
+    import importlib.metadata
+    result = invoke("--version")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"specontext {importlib.metadata.version('specontext')}\n"
+
+
 def test_max_len_help_says_units():
     text = " ".join(invoke("compile", "--help").stdout.replace("│", " ").split())
     assert "in tokens; accepts 131072, 128k, 1M" in text

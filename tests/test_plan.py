@@ -21,7 +21,7 @@ def make_plan() -> Plan:
                 retrieval_head={"source": "self:0"},
                 segments=[Segment(0, 32, [0, 1], [], {"step_ms": 1.0}),
                           Segment(32, 64, [0], [1], {"step_ms": 2.0})],
-                schedule=[PrefetchSlot(1, 0, 1)], prediction={}, solver={"status": "Optimal"},
+                schedule=[PrefetchSlot(1, 0)], prediction={}, solver={"status": "Optimal"},
                 graph={"file": "decode_graph.py"})
 
 
@@ -35,6 +35,13 @@ def test_round_trip_keeps_every_field(tmp_path):
     assert (tmp_path / "p" / "decode_graph.py").read_text() == "# graph\n"
     assert loaded.segment_for(40).offloaded_layers == [1]
     assert loaded.segment_for(10_000).to_len == 64     # past max-len: the last segment
+
+
+def test_reads_a_schedule_that_still_names_the_wait_layer():
+    """Older plans wrote wait_before_layer (always the layer itself); they still load."""
+    data = json.loads(make_plan().to_json())
+    data["schedule"] = [{"layer": 1, "issue_before_layer": 0, "wait_before_layer": 1}]
+    assert Plan.from_dict(data).schedule == [PrefetchSlot(1, 0)]
 
 
 def test_refuses_newer_schema_naming_both_versions(tmp_path):

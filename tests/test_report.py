@@ -51,7 +51,7 @@ def make_plan(num_layers: int = 32, max_len: int = 131072, num_segments: int = 5
                   "sink_tokens": 1, "recent_tokens": 16, "selection_overlap": 0.7},
         retrieval_head={"source": "preset", "params": 60_000_000, "reduction": "gqa-max"},
         segments=segments,
-        schedule=[PrefetchSlot(l, max(0, l - 2), l) for l in offloaded],
+        schedule=[PrefetchSlot(l, max(0, l - 2)) for l in offloaded],
         prediction={"timeline": _timeline(num_layers, set(offloaded), rng), "timeline_seq_len": max_len,
                     "memory_breakdown": breakdown},
         solver={"name": "pulp-cbc", "status": "Optimal", "time_s": 0.42, "objective": 29.0},

@@ -79,8 +79,8 @@ def _logits_kernel(q_ptr, k_ptr, len_ptr, logit_ptr, m_ptr, l_ptr,
     q = load_query_group(q_ptr, b, h, q_sb, q_sh, GROUP, D, BLOCK_G, BLOCK_D)
     k = tl.load(k_ptr + b * k_sb + h * k_sh + pos[:, None].to(tl.int64) * k_ss + d[None, :],
                 mask=ok[:, None] & (d[None, :] < D), other=0.0)
-    # A dot, not a broadcast product summed over D: the sum's cross-thread reduction made this
-    # kernel compute-bound at 16 positions a program (4.1 ms for 1.9 GB of K, run 19). 16-bit
+    # A dot, not a broadcast product summed over D: the sum's cross-thread reduction makes this
+    # kernel compute-bound at 16 positions a program (4.1 ms for 1.9 GB of K on an H100). 16-bit
     # inputs go to the tensor cores with fp32 accumulation (exact products); the interpreter and
     # fp32 caches use an exact fp32 dot (the interpreter's 16-bit arithmetic is not to be trusted).
     if FP32_DOT:

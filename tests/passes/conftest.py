@@ -41,5 +41,5 @@ def with_retrieve(annotated):
 @pytest.fixture
 def rewritten(with_retrieve):
     from specontext_compiler.passes.rewrite_sparse_attention import RewriteSparseAttention
-    RewriteSparseAttention(budget=64, sink_tokens=1, recent_tokens=4)(with_retrieve.graph_module)
+    RewriteSparseAttention()(with_retrieve.graph_module)
     return with_retrieve

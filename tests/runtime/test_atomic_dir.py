@@ -182,3 +182,15 @@ def test_a_file_at_the_path_is_never_replaced(tmp_path):
         write(final, "new")
     assert final.read_text() == "mine"
     assert leftovers(final) == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750), (0o077, 0o700)])
+def test_a_published_directory_follows_the_umask_like_mkdir(tmp_path, umask, mode):
+    """mkdtemp's private 0700 is not kept: under the usual umask the group can read a plan."""
+    previous = os.umask(umask)
+    try:
+        final = publish_dir(tmp_path / "plan", lambda d: (d / "plan.json").write_text("{}"),
+                            may_replace=lambda _: False)
+    finally:
+        os.umask(previous)
+    assert final.stat().st_mode & 0o777 == mode
