@@ -22,8 +22,8 @@ import errno
 import os
 import shutil
 import stat
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -51,10 +51,7 @@ def publish_dir(final: Path, write_into: Callable[[Path], None], *,
         check_replaceable(final, may_replace)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(final)
-    staging = Path(tempfile.mkdtemp(prefix=_prefix(final, _STAGING), dir=final.parent))
-    # mkdtemp makes the directory private (0700); the published one gets what mkdir would give
-    # under the user's umask, so that a plan is readable by the group like the files inside it.
-    os.chmod(staging, _mkdir_mode())
+    staging = _new_dir(final, _STAGING)
     try:
         write_into(staging)
         if not _move_into_place(staging, final):
@@ -65,13 +62,6 @@ def publish_dir(final: Path, write_into: Callable[[Path], None], *,
     finally:
         _remove_tree(staging)
     return final
-
-
-def _mkdir_mode() -> int:
-    """0o777 less the process umask (read by setting it, the only portable way, and restoring it)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o777 & ~umask
 
 
 def check_replaceable(final: Path, may_replace: Callable[[Path], bool]) -> None:
@@ -98,6 +88,12 @@ def check_replaceable(final: Path, may_replace: Callable[[Path], bool]) -> None:
         if _inode(final) == before.st_ino:
             raise DirectoryInUse("it is a non-empty directory that specontext did not write")
     raise DirectoryInUse("it keeps changing while being checked")
+
+
+def nearest_existing(path: Path) -> Path:
+    """The path itself if it exists, else its closest existing ancestor (where a mkdir -p starts)."""
+    path = Path(path).absolute()
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def _inode(path: Path) -> int | None:
@@ -135,7 +131,7 @@ def _replace(staging: Path, final: Path) -> None:
     if _exchange(staging, final):
         return                           # staging now holds the old content; the caller removes it
     with _lock(final):
-        aside = Path(tempfile.mkdtemp(prefix=_prefix(final, _ASIDE), dir=final.parent))
+        aside = _new_dir(final, _ASIDE)
         os.rmdir(aside)                  # only the unique name is wanted
         try:
             _move(final, aside)
@@ -188,8 +184,19 @@ def _lock(final: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _prefix(final: Path, kind: str) -> str:
-    return f".{final.name}.{kind}-{os.getpid()}-"
+def _new_dir(final: Path, kind: str) -> Path:
+    """A new directory beside `final` named `.NAME.KIND-PID-XXXXXXXX`.
+
+    Made with plain mkdir, so it gets the mode mkdir gives under the user's umask (a plan is
+    readable by the group like the files in it), not mkdtemp's private 0700.
+    """
+    while True:
+        path = final.parent / f".{final.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _parse_name(final: Path, path: Path) -> tuple[str | None, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from specontext_compiler.errors import PlanError
-from specontext_compiler.runtime.atomic_dir import DirectoryInUse, check_replaceable, publish_dir
+from specontext_compiler.runtime.atomic_dir import DirectoryInUse, check_replaceable, nearest_existing, publish_dir
 from specontext_compiler.runtime.plan_checks import check_plan, check_plan_data
 from specontext_compiler.runtime.plan_integrity import verify_plan_files
 
@@ -174,16 +174,19 @@ def write_plan_dir(plan: Plan, directory: str | os.PathLike, files: dict[str, st
 
 
 def check_plan_output(directory: str | os.PathLike) -> None:
-    """Refuse an output path that is not ours to replace, before any compile work is done."""
+    """Refuse an output path that is not ours to replace or cannot be written, before any compile work."""
     final = Path(directory).absolute()
     try:
         check_replaceable(final, is_plan_dir)
     except DirectoryInUse as exc:
         raise PlanError(f"refusing to write the plan to {final}: {exc}; choose a new "
                         "-o path (specontext replaces only its own plan directories)") from None
-    existing = next((p for p in (final, *final.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
+    existing = nearest_existing(final)
+    if not existing.is_dir():
         raise PlanError(f"cannot write the plan to {final}: {existing} is a file; choose another -o path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PlanError(f"cannot write the plan to {final}: {existing} is not writable (permissions or a "
+                        "read-only file system); choose another -o directory")
 
 
 def is_plan_dir(directory: Path) -> bool:

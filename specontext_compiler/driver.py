@@ -6,7 +6,6 @@ so far)`, so the CLI can show rich progress; the plan is written atomically at t
 """
 from __future__ import annotations
 
-import os
 import platform
 import re
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from specontext_compiler import __version__
-from specontext_compiler.errors import PlanError, SpecontextError
+from specontext_compiler.errors import SpecontextError
 from specontext_compiler.runtime.plan import (SCHEMA_VERSION, Plan, PrefetchSlot, Segment, check_plan_output,
                                               write_plan_dir)
 from specontext_compiler.runtime.plan_integrity import plan_manifest
@@ -56,8 +55,7 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     budget = _budget(budget, max_len_tokens)
     hw = load_target_file(target_file) if target_file else load_target(target)
     out_dir = Path(out) if out else default_plan_dir(source.name, hw.name)
-    check_plan_output(out_dir)          # refuse a path that is not ours before any slow work
-    _check_writable_parent(out_dir)
+    check_plan_output(out_dir)          # refuse a path that is not ours, or unwritable, before any slow work
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len else _default_prompt(max_len_tokens)
 
     clock.stage("retrieval head")       # before the ILP (its size is costed) and the passes (taps)
@@ -138,19 +136,6 @@ def _budget(budget: int | None, max_len: int) -> int:
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise SpecontextError(f"--budget {budget!r} is not a whole number of tokens")
     return budget
-
-
-def _check_writable_parent(out_dir: Path) -> None:
-    """Refuse an -o whose folder cannot be created or written, before any work is done."""
-    existing = out_dir.absolute().parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise PlanError(f"-o {out_dir}: {existing} is a file, so no directory can be made under it; "
-                        "choose another -o directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PlanError(f"-o {out_dir}: {existing} is not writable (permissions or a read-only file system); "
-                        "choose another -o directory")
 
 
 def _default_prompt(max_len: int) -> int:

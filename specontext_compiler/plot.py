@@ -13,6 +13,7 @@ from pathlib import Path
 from specontext_compiler.errors import SpecontextError
 from specontext_compiler.report import _NOT_COMPONENTS, GIB, _is_stall, _memory_components, _stalls, \
     _timeline_caption, _timeline_events, format_tokens
+from specontext_compiler.runtime.atomic_dir import nearest_existing
 from specontext_compiler.runtime.plan import Plan
 
 
@@ -48,9 +49,7 @@ def check_plot_path(path: str | Path) -> Path:
         raise SpecontextError(f"--plot {out} is a directory; give a file name such as {out / 'plan.png'}")
     if out.suffix.lower() != ".png":
         raise SpecontextError(f"--plot {out}: the plot is a PNG, name it {out.with_suffix('.png').name}")
-    existing = out.absolute().parent
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(out.absolute().parent)
     if not existing.is_dir():
         raise SpecontextError(f"--plot {out}: {existing} is a file, so no folder can be made under it")
     return out

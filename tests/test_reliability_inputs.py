@@ -116,13 +116,13 @@ def test_plot_path_is_checked_before_drawing(tmp_path, name, words):
 def test_compile_refuses_an_unwritable_output_before_any_work(tmp_path, monkeypatch):
     import os
 
-    from specontext_compiler.driver import _check_writable_parent
+    from specontext_compiler.runtime.plan import check_plan_output
     (tmp_path / "afile").write_text("x")
     with pytest.raises(PlanError, match="is a file"):
-        _check_writable_parent(tmp_path / "afile" / "sub" / "plan")
+        check_plan_output(tmp_path / "afile" / "sub" / "plan")
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(PlanError, match="not writable"):
-        _check_writable_parent(tmp_path / "new" / "plan")
+        check_plan_output(tmp_path / "new" / "plan")
 
 
 def test_a_failed_plan_write_is_one_line(tmp_path, monkeypatch):
