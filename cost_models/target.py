@@ -77,7 +77,8 @@ _VALID = tuple(f.name for f in fields(Target))
 _INT_KEYS = ("gpu_memory_bytes", "host_memory_bytes")
 _FLOAT_KEYS = ("hbm_gbps", "h2d_gbps", "pinned_gather_gbps", "bf16_tflops", "launch_overhead_us", "layer_fixed_us",
                "gather_fixed_us")
-_MAY_BE_ZERO = ("launch_overhead_us", "layer_fixed_us", "gather_fixed_us")
+_FIXED_TIMES = ("layer_fixed_us", "gather_fixed_us")   # optional, default 0, never negative
+_MAY_BE_ZERO = ("launch_overhead_us", *_FIXED_TIMES)
 
 
 def _target_from_dict(data: dict, where: str) -> Target:
@@ -90,7 +91,7 @@ def _target_from_dict(data: dict, where: str) -> Target:
             f"missing keys {missing}" if missing else ""]))
         raise TargetError(f"{where}: {problem}; valid keys are {list(_VALID)}")
     values = dict(data)
-    for key in _MAY_BE_ZERO[1:]:
+    for key in _FIXED_TIMES:
         values.setdefault(key, 0.0)
     try:
         for key in _FLOAT_KEYS + _INT_KEYS:
@@ -105,7 +106,7 @@ def _target_from_dict(data: dict, where: str) -> Target:
         if values[key] <= 0 and key not in _MAY_BE_ZERO:
             raise TargetError(f"{where}: {key} must be positive, got {values[key]}")
     _check_contention(values, data, where)
-    for key in _MAY_BE_ZERO[1:]:
+    for key in _FIXED_TIMES:
         if values[key] < 0:
             raise TargetError(f"{where}: {key} must be >= 0, got {values[key]}")
     for key in _FRACTIONS:
