@@ -102,6 +102,17 @@ def timeline(trace_path: Path, merge_gap_us: float = 30.0) -> list[dict]:
     return runs
 
 
+def kernels_between(trace_path: Path, window: str) -> list[dict]:
+    """Every kernel of the one-step trace that starts in the window "A,B" (ms from the first)."""
+    lo, hi = (float(x) for x in window.split(","))
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    origin = kernels[0]["ts"] if kernels else 0
+    return [{"stream": e["args"].get("stream", -1), "start_ms": round((e["ts"] - origin) / 1e3, 3),
+             "us": round(e["dur"], 1), "name": e["name"][:100]}
+            for e in kernels if lo <= (e["ts"] - origin) / 1e3 <= hi]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default="benchmarks/plans/sparse-130560")
@@ -114,6 +125,8 @@ def main() -> None:
     parser.add_argument("--gather-grids", help="programs of the step's gathers in order, e.g. 8x6,32 "
                         "(six at 8, then 32 for the rest); the last value repeats")
     parser.add_argument("--overlap", help="synthetic selection overlap in (0, 1), as bench_e2e.py --overlap")
+    parser.add_argument("--list-kernels", metavar="A,B",
+                        help="also list every kernel of the traced step that starts between A and B ms")
     parser.add_argument("--out", default=os.environ.get("OUT", "profile_out"))
     args = parser.parse_args()
     if args.overlap is not None:
@@ -174,6 +187,8 @@ def main() -> None:
         torch.cuda.synchronize()
     prof.export_chrome_trace(str(one_step))
     summary["timeline"] = timeline(one_step)
+    if args.list_kernels:
+        summary["kernels_window"] = kernels_between(one_step, args.list_kernels)
     stats = engine.stats()
     model_step = predicted_step(engine.plan, args.context, stats["selection_overlap"])
     summary.update({"plan": args.plan, "context": args.context, "batch": engine.slots, "eager": args.eager,
@@ -216,6 +231,8 @@ def print_tables(s: dict) -> None:
     for stream, ms in s["stream_busy_ms"].items():
         print(f"| {stream} | {ms:.2f} |")
     print_timeline(s["timeline"])
+    for k in s.get("kernels_window", []):
+        print(f"  {k['start_ms']:8.3f} ms  {k['us']:8.1f} us  stream {k['stream']}  {k['name']}")
 
 
 def print_timeline(runs: list[dict]) -> None:

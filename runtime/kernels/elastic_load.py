@@ -170,8 +170,17 @@ def compact_loads_reference(load_pos: torch.Tensor, load_slot: torch.Tensor) -> 
     return CompactLoads(entries, torch.tensor([where.numel()], dtype=torch.int32, device=load_pos.device))
 
 
+# 128 rows of 128-wide K and V per block, 8 warps: every offloaded layer's gather reads a cold
+# stretch of host memory, so each row waits on address translation as much as on PCIe, and the
+# more rows a program has in flight the more of that wait overlaps. Rotating over twelve 5.9 GB
+# stores as the 128k step does, 8 programs moved 20.0 GB/s with 64 rows and 4 warps, 23.2 with
+# 128 rows and 8 warps, and slowed a decode loop beside them 1.15x instead of 1.27x; more programs
+# or larger blocks did not go past ~24 GB/s (benchmarks/bench_host_pages.py --probes blocks).
+NUM_WARPS = 8
+
+
 def _block_rows(block_d: int) -> int:
-    return BLOCK_R or max(1, 8192 // block_d)
+    return BLOCK_R or max(1, 16384 // block_d)
 
 
 def _programs(max_blocks: int, device: torch.device, programs: int) -> int:
@@ -224,12 +233,13 @@ def _gather_rows_kernel(hk_ptr, hv_ptr, bk_ptr, bv_ptr, entries_ptr, count_ptr,
 
 
 def gather_compact(host_k, host_v, buf_k, buf_v, loads: CompactLoads, groups: int, *,
-                   programs: int | None = None, block_rows: int | None = None) -> None:
+                   programs: int | None = None, block_rows: int | None = None,
+                   num_warps: int | None = None) -> None:
     """Copy the compact list's rows from host K/V into the budget buffers (Triton).
 
     host_k [B, Hkv, S_max, D], host_v [B, Hkv, S_max, Dv] (pinned host memory on CUDA);
     buf_k [B, Hkv, W, D], buf_v [B, Hkv, W, Dv]; loads from compact_loads over [B, groups, W].
-    programs, block_rows: override PROGRAMS / BLOCK_R (benchmarks sweep them).
+    programs, block_rows, num_warps: override PROGRAMS / BLOCK_R / NUM_WARPS (benchmarks sweep them).
     """
     heads, dim, dim_v = host_k.shape[1], host_k.shape[3], host_v.shape[3]
     for name, t in (("host_k", host_k), ("host_v", host_v), ("buf_k", buf_k), ("buf_v", buf_v)):
@@ -250,7 +260,8 @@ def gather_compact(host_k, host_v, buf_k, buf_v, loads: CompactLoads, groups: in
         host_k.stride(0), host_k.stride(1), host_k.stride(2), host_v.stride(0), host_v.stride(1),
         host_v.stride(2), buf_k.stride(0), buf_k.stride(1), buf_k.stride(2),
         buf_v.stride(0), buf_v.stride(1), buf_v.stride(2),
-        D=dim, DV=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_R=block_r)
+        D=dim, DV=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_R=block_r,
+        num_warps=num_warps or NUM_WARPS)
 
 
 def gather_rows(host_k, host_v, buf_k, buf_v, load_pos, load_slot) -> None:
