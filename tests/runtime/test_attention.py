@@ -23,11 +23,12 @@ def test_a_chunk_attends_to_its_history_and_itself_causally():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("start", [0, 7])
-def test_sdpa_matches_the_reference(start):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])   # bf16: flash
+def test_sdpa_matches_the_reference(start, dtype, tol):
     q, k, v = _inputs(start, 9, "cpu")
     expected = dense_causal(q, k, v, [start, start], 0.25)
-    got = dense_causal(q.cuda(), k.cuda(), v.cuda(), [start, start], 0.25).cpu()
-    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+    got = dense_causal(*(t.to("cuda", dtype) for t in (q, k, v)), [start, start], 0.25).float().cpu()
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("starts,window", [([0, 0], 0), ([7, 7], 0), ([0, 7], 0), ([7, 7], 4)])

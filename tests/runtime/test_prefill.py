@@ -1,4 +1,5 @@
 """Prefill: the plan sizes its chunk, the engine uses it, and one chunk or several give HF's tokens."""
+import copy
 import dataclasses
 
 import pytest
@@ -19,6 +20,7 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory):
+    pytest.importorskip("pulp", reason="compiling a plan needs PuLP")
     out = tmp_path_factory.mktemp("plans") / "dense"
     compile_model("tiny-llama", target="h100", max_len=512, budget=512, recent_tokens=0, out=out)
     return load_plan(out)
@@ -112,3 +114,37 @@ def test_write_history_puts_each_span_at_its_offset_and_drops_rows_past_max_len(
     torch.testing.assert_close(layer.k[2, :, 7:], k[1, :, :3])          # 3 of 6 rows fit before max_len
     torch.testing.assert_close(layer.v[2, :, 7:], v[1, :, :3])
     assert not layer.host[0].any() and not layer.host[2, :, :7].any()
+
+
+@pytest.mark.gpu
+def test_write_history_on_a_copy_stream_lands_once_the_compute_stream_waits():
+    layout = KVLayout(num_layers=1, slots=2, max_len=64, num_kv_heads=2, head_dim=8, v_head_dim=8,
+                      width=4, groups=2, dtype=torch.bfloat16, device=torch.device("cuda"))
+    layer = LayerKV(layout, capacity=64, offloaded=True)
+    assert layer.host.is_pinned()
+    k, v = (torch.randn(2, 2, 40, 8, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    stream = torch.cuda.Stream()
+    layer.write_history(slice(0, 2), k, v, [0, 24], stream)
+    del k, v                                     # the packed copy stays alive for the stream
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    host_k = layer.k.float()
+    assert host_k[0, :, :40].abs().sum() > 0 and host_k[1, :, 24:].abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offloaded", [(), (1, 2)], ids=["resident", "offloaded"])
+def test_on_the_gpu_one_chunk_and_several_give_hf_logits(plan, tiny_model, offloaded):
+    """The CUDA paths (SDPA causal and lower-right, host DMA on the copy stream, history read-back)."""
+    model = copy.deepcopy(tiny_model).cuda()
+    bound = offloaded_from_the_start(plan, offloaded) if offloaded else plan
+    engine = bound.bind(model, device="cuda", dtype=torch.float32)
+    prompt = torch.randint(3, 256, (PROMPT,)).tolist()
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt], device="cuda")).logits[0, -1]
+    for chunk in (PROMPT, CHUNK):
+        engine.ctx.reset_slot(0)
+        for start in range(0, PROMPT, chunk):
+            logits = engine.prefill_chunk_into(0, prompt[start:start + chunk], start)
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert engine.ctx.store.offloaded_layers() == list(offloaded)
