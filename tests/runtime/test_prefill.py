@@ -54,6 +54,15 @@ def test_the_chunk_fills_the_memory_the_plan_leaves_free():
     assert memory.prefill_chunk_tokens(spec, work, free, masked=True) < chunk
 
 
+def test_free_bytes_at_peak_is_the_memory_left_by_the_fullest_segment():
+    spec, work = llama_8b(), Workload(max_len=131072, prompt_len=32768)
+    residency = [(32, 32768), (28, 65536), (20, 131072)]
+    peak = max(memory.gpu_bytes(spec, work, n, s) for n, s in residency)
+    assert memory.free_bytes_at_peak(spec, work, 150 * 10**9, residency) == 150 * 10**9 - peak
+    # On a unified-memory target the offloaded KV shares the pool: less is left.
+    assert memory.free_bytes_at_peak(spec, work, 150 * 10**9, residency, unified=True) < 150 * 10**9 - peak
+
+
 def test_the_plan_records_its_chunk_and_the_engine_uses_it(plan, tiny_model):
     from specontext_compiler.cost_models.target import load_target
     spec = spec_from_config(resolve_model("tiny-llama").config, "tiny-llama")
