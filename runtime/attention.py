@@ -47,8 +47,10 @@ def causal_sdpa(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
 
     Requests with equal starts (a batch of one, always, for the scheduler's prefill) share one call.
     A request's first chunk is plain causal attention (is_causal); a later chunk's queries sit at
-    the end of the keys, which is the lower-right causal bias, also mask-free for flash. Only a
-    sliding window needs an explicit mask."""
+    the end of the keys, which is the lower-right causal bias, mask-free for flash. A sliding
+    window needs an explicit mask, and so does a later chunk in fp32: flash takes half precision
+    only, and the bias's fallback calls the memory-efficient kernel itself, which not every
+    PyTorch version lets take GQA's fewer KV heads; the mask goes through SDPA's own dispatch."""
     batch, steps = q.shape[0], q.shape[2]
     if len(set(starts)) == 1:
         return _sdpa_rows(q, cache_k, cache_v, slice(0, batch), starts[0], steps, scaling, window).to(q.dtype)
@@ -62,14 +64,17 @@ def _sdpa_rows(q, cache_k, cache_v, rows: slice, start: int, steps: int, scaling
     import torch.nn.functional as F
     end = start + steps
     q, k, v = q[rows], cache_k[rows, :, :end], cache_v[rows, :, :end]
-    if window:
-        query_pos = torch.arange(start, end, device=q.device).view(steps, 1)
-        mask = ~_hidden(torch.arange(end, device=q.device).view(1, end), query_pos, window)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-    elif start == 0:
+    if start == 0 and not window:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-    else:
+    elif not window and q.dtype in _FLASH_DTYPES:
         from torch.nn.attention.bias import causal_lower_right
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(steps, end),
                                              scale=scaling, enable_gqa=True)
+    else:
+        query_pos = torch.arange(start, end, device=q.device).view(steps, 1)
+        mask = ~_hidden(torch.arange(end, device=q.device).view(1, end), query_pos, window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2)
+
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)

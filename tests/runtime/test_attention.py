@@ -31,11 +31,13 @@ def test_sdpa_matches_the_reference(start, dtype, tol):
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])   # bf16: lower-right bias
 @pytest.mark.parametrize("starts,window", [([0, 0], 0), ([7, 7], 0), ([0, 7], 0), ([7, 7], 4)])
-def test_the_fused_sdpa_path_matches_the_reference_on_cpu(starts, window):
+def test_the_fused_sdpa_path_matches_the_reference_on_cpu(starts, window, dtype, tol):
     """The GPU's code path (first chunk causal, later chunk lower-right causal, windows masked), run
     by PyTorch's CPU SDPA: the same outputs as the reference's explicit masks."""
     q, k, v = _inputs(7, 9, "cpu")
     expected = dense_causal(q, k, v, starts, 0.25, window)
-    got = causal_sdpa(q, k, v, starts, 0.25, window)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    got = causal_sdpa(q.to(dtype), k.to(dtype), v.to(dtype), starts, 0.25, window)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)

@@ -143,11 +143,12 @@ def test_write_history_on_a_copy_stream_lands_once_the_compute_stream_waits():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("offloaded", [(), (1, 2)], ids=["resident", "offloaded"])
-def test_on_the_gpu_one_chunk_and_several_give_hf_logits(plan, tiny_model, offloaded):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])   # bf16: flash
+def test_on_the_gpu_one_chunk_and_several_give_hf_logits(plan, tiny_model, offloaded, dtype, tol):
     """The CUDA paths (SDPA causal and lower-right, host DMA on the copy stream, history read-back)."""
-    model = copy.deepcopy(tiny_model).cuda()
+    model = copy.deepcopy(tiny_model).to("cuda", dtype)
     bound = offloaded_from_the_start(plan, offloaded) if offloaded else plan
-    engine = bound.bind(model, device="cuda", dtype=torch.float32)
+    engine = bound.bind(model, device="cuda", dtype=dtype)
     prompt = torch.randint(3, 256, (PROMPT,)).tolist()
     with torch.no_grad():
         expected = model(torch.tensor([prompt], device="cuda")).logits[0, -1]
@@ -155,5 +156,5 @@ def test_on_the_gpu_one_chunk_and_several_give_hf_logits(plan, tiny_model, offlo
         engine.ctx.reset_slot(0)
         for start in range(0, PROMPT, chunk):
             logits = engine.prefill_chunk_into(0, prompt[start:start + chunk], start)
-        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits.float(), expected.float(), atol=tol, rtol=tol)
     assert engine.ctx.store.offloaded_layers() == list(offloaded)
