@@ -100,13 +100,21 @@ def prefill_bytes_per_token(spec: ModelSpec, workload: Workload, masked: bool = 
     return residual + attention + mlp + retrieval + mask
 
 
+def prefill_fixed_bytes(spec: ModelSpec, workload: Workload, masked: bool = False) -> int:
+    """Bytes of a prefill forward that do not grow with its tokens: a later chunk of a longer prompt
+    reads one offloaded layer's history back, max_len·4HD; an explicit mask (masked) attends over
+    KV heads expanded to the query heads, max_len·Hq·2D·b."""
+    read_back = workload.max_len * kv_bytes_per_token_layer(spec)
+    expanded = workload.max_len * spec.num_heads * 2 * spec.head_dim * spec.dtype_bytes if masked else 0
+    return read_back + expanded
+
+
 def prefill_chunk_tokens(spec: ModelSpec, workload: Workload, free_bytes, masked: bool = False) -> int:
     """Prompt tokens one prefill forward may take: the PREFILL_CHUNK_TOKENS the workspace reserves,
     plus as many more as fit in free_bytes, the GPU memory the plan leaves free at its fullest
-    (free_bytes_at_peak); at most max_len. A later chunk of a longer prompt also reads one
-    offloaded layer's history back (max_len·4HD bytes), which is set aside first."""
-    read_back = workload.max_len * kv_bytes_per_token_layer(spec)
-    extra = max(0, int(free_bytes) - read_back) // prefill_bytes_per_token(spec, workload, masked)
+    (free_bytes_at_peak), once prefill_fixed_bytes is set aside; at most max_len."""
+    fixed = prefill_fixed_bytes(spec, workload, masked)
+    extra = max(0, int(free_bytes) - fixed) // prefill_bytes_per_token(spec, workload, masked)
     return int(min(workload.max_len, PREFILL_CHUNK_TOKENS + extra))
 
 

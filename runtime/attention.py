@@ -48,9 +48,10 @@ def causal_sdpa(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
     Requests with equal starts (a batch of one, always, for the scheduler's prefill) share one call.
     A request's first chunk is plain causal attention (is_causal); a later chunk's queries sit at
     the end of the keys, which is the lower-right causal bias, mask-free for flash. A sliding
-    window needs an explicit mask, and so does a later chunk in fp32: flash takes half precision
-    only, and the bias's fallback calls the memory-efficient kernel itself, which not every
-    PyTorch version lets take GQA's fewer KV heads; the mask goes through SDPA's own dispatch."""
+    window needs an explicit mask, and so does a later chunk in fp32 (flash takes half precision
+    only, and the bias's fallback calls the memory-efficient kernel directly, which does not take
+    GQA's fewer KV heads). With a mask, KV heads are expanded first: SDPA's memory-efficient kernel
+    then takes it, where GQA with a mask would fall back to the math kernel's [Hq, T, S] scores."""
     batch, steps = q.shape[0], q.shape[2]
     if len(set(starts)) == 1:
         return _sdpa_rows(q, cache_k, cache_v, slice(0, batch), starts[0], steps, scaling, window).to(q.dtype)
@@ -73,7 +74,9 @@ def _sdpa_rows(q, cache_k, cache_v, rows: slice, start: int, steps: int, scaling
     else:
         query_pos = torch.arange(start, end, device=q.device).view(steps, 1)
         mask = ~_hidden(torch.arange(end, device=q.device).view(1, end), query_pos, window)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2)
 
 

@@ -44,6 +44,7 @@ def test_the_chunk_fills_the_memory_the_plan_leaves_free():
     spec, work = llama_8b(), Workload(max_len=131072, prompt_len=32768)
     per_token = memory.prefill_bytes_per_token(spec, work)
     read_back = work.max_len * spec.kv_bytes_per_token_layer
+    assert memory.prefill_fixed_bytes(spec, work) == read_back
     assert memory.prefill_chunk_tokens(spec, work, 0) == memory.PREFILL_CHUNK_TOKENS
     assert memory.prefill_chunk_tokens(spec, work, 1e15) == work.max_len
     free = 3 * 10**9
