@@ -76,7 +76,9 @@ def workspace_bytes(spec: ModelSpec, workload: Workload, seq_len):
     activations = R * (4 * spec.hidden_size + 2 * spec.intermediate_size) * FP32_BYTES
     # Growing a resident layer at a segment boundary holds its old and new K (then V) at once,
     # and a prefill chunk's logits and MLP activations outlive the decode step's (found on the
-    # H100: a plan packed without these ran out of memory at a boundary).
+    # H100: a plan packed without these ran out of memory at a boundary). The smallest chunk is
+    # priced with every token's fp32 logits: an upper bound for a graph that keeps the last only;
+    # prefill_chunk_tokens adds what the plan leaves free on top.
     grow_transient = R * seq_len * kv_bytes_per_token_layer(spec) / 2
     prefill = PREFILL_CHUNK_TOKENS * (spec.vocab_size * FP32_BYTES + 4 * spec.intermediate_size * 2)
     return logits + scores + indices + gathered + activations + grow_transient + prefill + FIXED_RESERVE_BYTES
