@@ -75,7 +75,8 @@ def _sdpa_rows(q, cache_k, cache_v, rows: slice, start: int, steps: int, scaling
         query_pos = torch.arange(start, end, device=q.device).view(steps, 1)
         mask = ~_hidden(torch.arange(end, device=q.device).view(1, end), query_pos, window)
         group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2)
 
