@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Compile every plan the GPU benchmarks read (bench_e2e.py, bench_workloads.py) for one target
+# Compile every plan the GPU benchmarks read (bench_e2e.py, bench_prefill.py, bench_workloads.py) for one target
 # (TARGET, default h100; `specontext targets` lists them), into benchmarks/plans/ (gitignored).
 # Needs the compiler's dependencies (PuLP): run it here, then carry benchmarks/plans to the GPU
 # machine. ~15 s a plan on 2 cores. The plans' names do not say the target: recompile all of them
 # when the GPU changes.
 #   bash benchmarks/compile_bench_plans.sh            # all, for the H100
-#   TARGET=h200 bash benchmarks/compile_bench_plans.sh e2e   # bench_e2e.py plans only, for the H200
+#   TARGET=h200 bash benchmarks/compile_bench_plans.sh e2e   # bench_e2e.py and bench_prefill.py plans, for the H200
 #   bash benchmarks/compile_bench_plans.sh workloads  # Table 5 plans only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,8 @@ if [[ "$which" == all || "$which" == e2e ]]; then
     compile "$ctx" --prompt-len "$ctx" --max-len "$max" --batch auto -o "benchmarks/plans/dense-$ctx"
   done
   compile 2048 --prompt-len 130560 --max-len 131072 --batch 1 -o benchmarks/plans/sparse1-130560
+  # bench_prefill.py: a batch-1 plan leaves room to prefill a whole 32k prompt in one forward
+  compile 32768 --prompt-len 32768 --max-len 33280 --batch 1 -o benchmarks/plans/dense1-32768
 fi
 if [[ "$which" == all || "$which" == workloads ]]; then
   for workload in 2048:16384 2048:32768 16384:2048 32768:2048; do

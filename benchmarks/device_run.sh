@@ -14,6 +14,8 @@
 #   profile [PLAN CONTEXT]  profile_step.py, piece by piece against the latency model: without
 #               arguments the 128k sparse step over four gather grids, the 128k batch-1 step, and
 #               the [2k, 16k] plan's step at 10k tokens; else that plan (in benchmarks/plans) only
+#   prefill     the GPU prefill tests (SDPA paths, offloaded-layer host writes, one chunk vs several),
+#               then bench_prefill.py: 8k and 32k prompts, the engine beside HF's SDPA forward
 #   pytest ARGS the given tests (e.g. one file after a fix)
 # The fused-head GPU tests compile a plan, which needs PuLP: fetch its wheel here once
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -56,6 +58,10 @@ case "$stage" in
   workloads)
     python3 benchmarks/bench_workloads.py --workloads "$1" --max-seconds "${MAX_SECONDS:-420}" \
       2>&1 | tee "$OUT/workloads.log" | tail -25 ;;
+  prefill)
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/runtime/test_attention.py tests/runtime/test_prefill.py \
+      2>&1 | tee "$OUT/prefill-tests.log" | tail -5
+    python3 benchmarks/bench_prefill.py --out "$OUT" 2>&1 | tee "$OUT/prefill.log" | tail -15 ;;
   pytest)
     python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -15 ;;
   profile)

@@ -19,7 +19,7 @@ FIXED_RESERVE_BYTES = 9 * GIB // 2   # CUDA context (0.55 GB measured on our H10
 #   (benchmarks/RESULTS.md has the measurements)
 PINNABLE_HOST_FRACTION = 0.65   # measured on the H100 host (135 GB): 77.3 GB pinned ran, 96.6 GB killed the process
 FP32_BYTES = 4
-PREFILL_CHUNK_TOKENS = 256       # runtime/engine.py prefills in chunks of this many tokens
+PREFILL_CHUNK_TOKENS = 256       # the prefill chunk the workspace reserves; the plan's chunk is this or more
 INDEX_BYTES = 8                 # int64 token indices
 
 
@@ -76,10 +76,59 @@ def workspace_bytes(spec: ModelSpec, workload: Workload, seq_len):
     activations = R * (4 * spec.hidden_size + 2 * spec.intermediate_size) * FP32_BYTES
     # Growing a resident layer at a segment boundary holds its old and new K (then V) at once,
     # and a prefill chunk's logits and MLP activations outlive the decode step's (found on the
-    # H100: a plan packed without these ran out of memory at a boundary).
+    # H100: a plan packed without these ran out of memory at a boundary). The smallest chunk is
+    # priced with every token's fp32 logits: an upper bound for a graph that keeps the last only;
+    # prefill_chunk_tokens adds what the plan leaves free on top.
     grow_transient = R * seq_len * kv_bytes_per_token_layer(spec) / 2
     prefill = PREFILL_CHUNK_TOKENS * (spec.vocab_size * FP32_BYTES + 4 * spec.intermediate_size * 2)
     return logits + scores + indices + gathered + activations + grow_transient + prefill + FIXED_RESERVE_BYTES
+
+
+def prefill_bytes_per_token(spec: ModelSpec, workload: Workload, masked: bool = False) -> int:
+    """Activation bytes one prompt token holds while a prefill forward runs (one request, eager graph).
+
+    Items, per token: the residual stream and its norm's fp32 temporaries 4·hidden·4; q, k, v and
+    the attention output, plus an offloaded layer's packed K|V for its host copy (2Hq + 4Hkv)·D·b;
+    the MLP's gate, up and their product 3·I·b; the retrieval head's input, q and k. Flash
+    attention keeps no [T, S] scores; a sliding-window layer's explicit mask does (masked: bool
+    plus a bf16 bias, 3 bytes per key up to max_len). The logits are the last token's only.
+    """
+    b, head = spec.dtype_bytes, workload.head_for(spec)
+    residual = 4 * spec.hidden_size * FP32_BYTES
+    attention = (2 * spec.num_heads + 4 * spec.num_kv_heads) * spec.head_dim * b
+    mlp = 3 * spec.intermediate_size * b
+    retrieval = (head.head_input_dim + (head.head_num_heads + head.head_num_kv_heads) * head.head_dim) * b
+    mask = 3 * workload.max_len if masked else 0
+    return residual + attention + mlp + retrieval + mask
+
+
+def prefill_fixed_bytes(spec: ModelSpec, workload: Workload, masked: bool = False) -> int:
+    """Bytes of a prefill forward that do not grow with its tokens: a later chunk of a longer prompt
+    reads one offloaded layer's history back, max_len·4HD; an explicit mask (masked) attends over
+    KV heads expanded to the query heads, max_len·Hq·2D·b."""
+    read_back = workload.max_len * kv_bytes_per_token_layer(spec)
+    expanded = workload.max_len * spec.num_heads * 2 * spec.head_dim * spec.dtype_bytes if masked else 0
+    return read_back + expanded
+
+
+def prefill_chunk_tokens(spec: ModelSpec, workload: Workload, free_bytes, masked: bool = False) -> int:
+    """Prompt tokens one prefill forward may take: the PREFILL_CHUNK_TOKENS the workspace reserves,
+    plus as many more as fit in free_bytes, the GPU memory the plan leaves free at its fullest
+    (free_bytes_at_peak), once prefill_fixed_bytes is set aside; at most max_len."""
+    fixed = prefill_fixed_bytes(spec, workload, masked)
+    extra = max(0, int(free_bytes) - fixed) // prefill_bytes_per_token(spec, workload, masked)
+    return int(min(workload.max_len, PREFILL_CHUNK_TOKENS + extra))
+
+
+def free_bytes_at_peak(spec: ModelSpec, workload: Workload, gpu_memory_bytes: int,
+                       residency: list[tuple[int, int]], unified: bool = False) -> float:
+    """GPU bytes a plan leaves free at its fullest: the target's memory minus the largest gpu_bytes
+    over its segments, residency = [(num_gpu_layers, segment end length), ...] (unified: pool_bytes)."""
+    def need(num_gpu: int, seq_len: int):
+        if unified:
+            return pool_bytes(spec, workload, num_gpu, seq_len, workload.max_len)
+        return gpu_bytes(spec, workload, num_gpu, seq_len)
+    return gpu_memory_bytes - max(need(num_gpu, seq_len) for num_gpu, seq_len in residency)
 
 
 def host_bytes(spec: ModelSpec, workload: Workload, num_offloaded_layers, seq_len):

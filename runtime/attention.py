@@ -20,7 +20,7 @@ def dense_causal(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
     batch, num_heads, steps, _ = q.shape
     starts = [int(s) for s in starts]
     if q.is_cuda:
-        return _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling, window)
+        return causal_sdpa(q, cache_k, cache_v, starts, scaling, window)
     group = num_heads // cache_k.shape[1]
     outs = []
     for b in range(batch):
@@ -41,24 +41,44 @@ def _hidden(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int) -> torc
     return later | (key_pos <= query_pos - window) if window else later
 
 
-def _dense_causal_sdpa(q, cache_k, cache_v, starts, scaling, window=0):
-    """The same on the GPU through PyTorch's fused SDPA (no [heads, T, S] logits in memory).
+def causal_sdpa(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                starts: list[int], scaling: float, window: int = 0) -> torch.Tensor:
+    """The same through PyTorch's fused SDPA (flash on the GPU: no [heads, T, S] logits in memory).
 
-    A request's first chunk without a window is plain causal attention: is_causal (no mask) lets
-    SDPA pick its flash kernel; a later chunk, or a window, needs an explicit mask."""
-    import torch.nn.functional as F
-    steps = q.shape[2]
-    outs = []
-    for b in range(q.shape[0]):
-        end = starts[b] + steps
-        if starts[b] == 0 and not window:
-            out = F.scaled_dot_product_attention(q[b:b + 1], cache_k[b:b + 1, :, :end], cache_v[b:b + 1, :, :end],
-                                                 is_causal=True, scale=scaling, enable_gqa=True)
-            outs.append(out.transpose(1, 2))
-            continue
-        query_pos = torch.arange(end - steps, end, device=q.device).view(steps, 1)
-        mask = ~_hidden(torch.arange(end, device=q.device).view(1, end), query_pos, window)
-        out = F.scaled_dot_product_attention(q[b:b + 1], cache_k[b:b + 1, :, :end], cache_v[b:b + 1, :, :end],
-                                             attn_mask=mask, scale=scaling, enable_gqa=True)
-        outs.append(out.transpose(1, 2))
+    Requests with equal starts (a batch of one, always, for the scheduler's prefill) share one call.
+    A request's first chunk is plain causal attention (is_causal); a later chunk's queries sit at
+    the end of the keys, which is the lower-right causal bias, mask-free for flash. A sliding
+    window needs an explicit mask, and so does a later chunk in fp32 (flash takes half precision
+    only, and the bias's fallback calls the memory-efficient kernel directly, which does not take
+    GQA's fewer KV heads). With a mask, KV heads are expanded first: SDPA's memory-efficient kernel
+    then takes it, where GQA with a mask would fall back to the math kernel's [Hq, T, S] scores."""
+    batch, steps = q.shape[0], q.shape[2]
+    if len(set(starts)) == 1:
+        return _sdpa_rows(q, cache_k, cache_v, slice(0, batch), starts[0], steps, scaling, window).to(q.dtype)
+    outs = [_sdpa_rows(q, cache_k, cache_v, slice(b, b + 1), starts[b], steps, scaling, window)
+            for b in range(batch)]
     return torch.cat(outs).to(q.dtype)
+
+
+def _sdpa_rows(q, cache_k, cache_v, rows: slice, start: int, steps: int, scaling: float, window: int):
+    """[b, T, Hq, Dv] for the requests `rows`, which all have `start` tokens cached."""
+    import torch.nn.functional as F
+    end = start + steps
+    q, k, v = q[rows], cache_k[rows, :, :end], cache_v[rows, :, :end]
+    if start == 0 and not window:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    elif not window and q.dtype in _FLASH_DTYPES:
+        from torch.nn.attention.bias import causal_lower_right
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(steps, end),
+                                             scale=scaling, enable_gqa=True)
+    else:
+        query_pos = torch.arange(start, end, device=q.device).view(steps, 1)
+        mask = ~_hidden(torch.arange(end, device=q.device).view(1, end), query_pos, window)
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)

@@ -27,6 +27,7 @@ from specontext_compiler.runtime.sampling_params import SamplingParams
 from specontext_compiler.runtime.step_context import StepContext
 
 StreamCallback = Callable[[int, int], None]   # (request index, token id)
+DEFAULT_PREFILL_CHUNK = 256    # a plan without prefill_chunk_tokens was sized for chunks of this many
 
 
 @dataclass
@@ -59,9 +60,9 @@ class Engine:
         on_gpu = device.type == "cuda"
         self._token_buffer = torch.empty(self.slots, dtype=torch.long, pin_memory=True) if on_gpu else None
         self._token_event = torch.cuda.Event() if on_gpu else None
-        # Prefill activations (logits of every chunk token, MLP intermediates) are outside the
-        # decode-step memory model; 256-token chunks keep them under ~0.3 GB for an 8B model.
-        self.prefill_chunk = 256
+        # Prompt tokens per prefill forward: the plan's memory model sized it to the memory the
+        # plan leaves free (cost_models/memory.py); plans compiled before it say nothing: 256.
+        self.prefill_chunk = int(plan.workload.get("prefill_chunk_tokens") or DEFAULT_PREFILL_CHUNK)
         self.vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
         self._scheduler = None
         self._mask_key, self._mask = None, None
@@ -188,7 +189,11 @@ class Engine:
         return wait
 
     def prefill_chunk_into(self, slot: int, chunk: Sequence[int], start: int) -> torch.Tensor:
-        """Dense prefill of prompt tokens [start, start + len(chunk)) into a slot; the last token's logits [V]."""
+        """Dense prefill of prompt tokens [start, start + len(chunk)) into a slot; the last token's logits [V].
+
+        The plan's graph in one forward: SDPA over the chunk (and the slot's history, if any), new
+        K/V appended in place (offloaded layers: copied to pinned host memory), the retrieval head's
+        K rows added, and the LM head on the last token only (the capture's logits_to_keep)."""
         ids = torch.tensor(list(chunk), dtype=torch.long, device=self.device).view(1, -1)
         self.memory.before_step(start + ids.shape[1] - 1)
         positions = torch.arange(start, start + ids.shape[1], device=self.device).view(1, -1)

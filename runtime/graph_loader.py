@@ -16,7 +16,8 @@ from specontext_compiler.runtime.plan_integrity import spec_for_verified_source
 
 
 def load_graph(path: str | Path, record: dict) -> Callable:
-    """forward(params: list[Tensor], input_ids [B,T], position_ids [B,T]) -> logits [B,T,vocab]."""
+    """forward(params: list[Tensor], input_ids [B,T], position_ids [B,T]) -> logits [B,1,vocab] (the
+    last token's; [B,T,vocab] from plans compiled before the capture kept only it)."""
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"the plan's decode graph {path} is missing; recompile the plan with `specontext compile`")

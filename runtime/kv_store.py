@@ -24,6 +24,7 @@ The retrieval head's own K cache lives here too ([slots, Hkv_head, max_len, D], 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,27 @@ class LayerKV:
         if not self.offloaded:
             self._to_host(filled)
             self.needs_full_load = True     # other layers' buffers may already hold rows
+
+    def write_history(self, rows: slice, k: torch.Tensor, v: torch.Tensor, starts: list[int],
+                      stream=None) -> None:
+        """Write a prefill's new K, V [B, H, T, D] of slots `rows` at positions starts[b].. (offloaded).
+
+        K and V are packed into the host layout on the caller's stream, then each (request, head)
+        span is one asynchronous DMA straight into the pinned history, issued on `stream` (a CUDA
+        copy stream that waits for the caller's, or None: in order): no staging copy, no read-back.
+        Rows past max_len are dropped, as the append kernel drops them.
+        """
+        spans = torch.cat((k, v), dim=-1)
+        host = self.host[rows]
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for b, start in enumerate(starts):
+                take = max(0, min(spans.shape[2], host.shape[2] - start))
+                for h in range(spans.shape[1]):
+                    host[b, h, start:start + take].copy_(spans[b, h, :take], non_blocking=True)
+        if stream is not None:
+            spans.record_stream(stream)     # freed by the caller's stream only after the copies ran
 
     def history(self, rows: slice, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of request slots `rows`, positions [0, end), on `device` (prefill of an offloaded layer).

@@ -40,6 +40,8 @@ def check_plan(plan, where: str, listed_files: set[str] | None = None) -> None:
     for name in ("sink_tokens", "recent_tokens"):
         if name in work:
             _int(work[name], where, f"workload.{name}", low=0)
+    if "prefill_chunk_tokens" in work:
+        _int(work["prefill_chunk_tokens"], where, "workload.prefill_chunk_tokens", low=1)
     _check_segments(plan.segments, num_layers, max_len, where)
     first = plan.segments[0].from_len
     if isinstance(work.get("prompt_len"), int) and first > work["prompt_len"]:

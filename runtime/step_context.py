@@ -63,6 +63,7 @@ class StepContext:
         self._steps = 1
         self._chunk_to_project = None    # a fused head's prefill chunk (input_ids, position_ids)
         self._host_starts = None
+        self._host_writes = False        # a prefill wrote offloaded rows on the copy stream
 
     @classmethod
     def for_model(cls, spec, batch: int, max_len: int, budget: int, sink_tokens: int = 1,
@@ -111,6 +112,7 @@ class StepContext:
             with torch.inference_mode():
                 k = self.features.project_chunk(input_ids, position_ids, self._rows)
                 self._append_head(k, self.starts[self._rows])
+        self._wait_host_writes()
         self.cache_len[self._rows] += self._steps
 
     def reset_slot(self, slot: int) -> None:
@@ -124,15 +126,27 @@ class StepContext:
     # -- the ops -----------------------------------------------------------------------------
     def dense_attention(self, q, k, v, layer: int, scaling: float) -> torch.Tensor:
         """specontext::attention: append, then attend over everything cached (the original graph),
-        or over the layer's window (a sliding-window layer, which the plan leaves dense)."""
+        or over the layer's window (a sliding-window layer, which the plan leaves dense).
+
+        A forward from an empty cache (a whole prompt, or its first chunk) attends over its own k, v:
+        nothing is read back from the cache. An offloaded layer's prefill rows go straight to its
+        pinned history (runtime/kv_store.py), which a later chunk reads back."""
         kv = self.store.layers[layer]
         starts = self.starts[self._rows]
-        self._append(kv, k, v, starts)
-        cache_k, cache_v = kv.k[self._rows], kv.v[self._rows]
         host_starts = self._host_starts or [int(s) for s in starts.tolist()]
-        if kv.offloaded:   # prefill into an offloaded layer: bring its history over for this chunk
-            cache_k, cache_v = kv.history(self._rows, max(host_starts) + q.shape[2], q.device)
+        if kv.offloaded and self._steps > 1:
+            kv.write_history(self._rows, k, v, host_starts, self.prefetcher.copy_stream)
+            self._host_writes = True
+        else:
+            self._append(kv, k, v, starts)
         window = self.windows[layer] if layer < len(self.windows) else 0
+        if not any(host_starts):
+            return ref.dense_causal(q, k, v, host_starts, scaling, window)
+        if kv.offloaded:
+            self._wait_host_writes()
+            cache_k, cache_v = kv.history(self._rows, max(host_starts) + q.shape[2], q.device)
+        else:
+            cache_k, cache_v = kv.k[self._rows], kv.v[self._rows]
         return ref.dense_causal(q, cache_k, cache_v, host_starts, scaling, window)
 
     def retrieve(self, input_ids, position_ids) -> torch.Tensor:
@@ -200,6 +214,14 @@ class StepContext:
         positions = torch.arange(lay.width, device=starts.device, dtype=torch.int32).view(1, 1, -1)
         out = torch.where(positions < starts.view(-1, 1, 1), positions, torch.full_like(positions, -1))
         return out.expand(starts.shape[0], lay.groups, lay.width).contiguous()
+
+    def _wait_host_writes(self) -> None:
+        """Order the compute stream after the prefill's host writes (no host wait), before anything
+        reads the history back."""
+        stream = self.prefetcher.copy_stream
+        if self._host_writes and stream is not None:
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
+        self._host_writes = False
 
     def _append(self, kv, k, v, starts):
         self.kernels.append(kv.k[self._rows], kv.v[self._rows], k, v, starts)

@@ -47,7 +47,8 @@ def _register_attention() -> None:
 
 
 def capture_decode_graph(config, dtype: torch.dtype = torch.bfloat16, max_batch: int = 4096) -> Captured:
-    """Export forward(input_ids [B,T], position_ids [B,T]) -> logits [B,T,vocab] with B, T dynamic."""
+    """Export forward(input_ids [B,T], position_ids [B,T]) -> the last token's logits [B,1,vocab],
+    with B, T dynamic."""
     start = time.perf_counter()
     _register_attention()
     # A copy: setting the attention implementation writes into the config object.
@@ -62,16 +63,26 @@ def capture_decode_graph(config, dtype: torch.dtype = torch.bfloat16, max_batch:
     pos = torch.ones(2, 3, dtype=torch.long, device="meta")
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     tokens = torch.export.Dim("tokens", min=1, max=max(2, config.max_position_embeddings))
-    dims = {"input_ids": {0: batch, 1: tokens}, "position_ids": {0: batch, 1: tokens}, "use_cache": None}
+    kwargs = {"input_ids": ids, "position_ids": pos, "use_cache": False, **_last_logits_only(model)}
+    dims = {"input_ids": {0: batch, 1: tokens}, "position_ids": {0: batch, 1: tokens},
+            **{name: None for name in kwargs if name not in INPUT_NAMES}}
     with torch.no_grad():
-        program = torch.export.export(model, (), {"input_ids": ids, "position_ids": pos, "use_cache": False},
-                                      dynamic_shapes=dims, strict=False)
+        program = torch.export.export(model, (), kwargs, dynamic_shapes=dims, strict=False)
     gm = program.graph_module
     param_names = _weight_placeholders(program)
     _drop_constant_inputs(gm, program)
     _check_inputs(gm, param_names)
     _annotate_weights(gm, param_names)
     return Captured(gm, INPUT_NAMES, param_names, time.perf_counter() - start)
+
+
+def _last_logits_only(model) -> dict:
+    """HF's logits_to_keep=1 where the model takes it: the graph's LM head sees only the last token.
+
+    A prefill of T tokens then computes [B, 1, vocab] logits, not [B, T, vocab] in fp32 (4 GB for
+    a 8k-token chunk of a 128k-vocabulary model); decode (T = 1) is unchanged."""
+    import inspect
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def _weight_placeholders(program) -> list[dict]:
@@ -85,7 +96,8 @@ def _weight_placeholders(program) -> list[dict]:
 
 
 def _drop_constant_inputs(gm: torch.fx.GraphModule, program) -> None:
-    """use_cache=False exports as a placeholder nobody reads: remove it so inputs are (ids, pos)."""
+    """use_cache=False (and logits_to_keep=1) export as placeholders nobody reads: remove them so
+    inputs are (ids, pos)."""
     constants = {spec.arg.name for spec in program.graph_signature.input_specs
                  if spec.kind.name == "USER_INPUT" and spec.arg.name not in INPUT_NAMES}
     for node in list(gm.graph.nodes):

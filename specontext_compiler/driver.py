@@ -86,7 +86,8 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     from specontext_compiler.codegen.emit_kernels import emit_kernels
     graph_source, graph_record = emit_graph_source(graph_module, captured.param_names)
     files["decode_graph.py"] = graph_source
-    workload_fields = _workload_fields(workload, solution, level)
+    prefill_chunk = _prefill_chunk(spec, workload, hw, solution, windows)
+    workload_fields = _workload_fields(workload, solution, level, prefill_chunk)
     kernel_files, kernel_records = emit_kernels(spec.to_dict(), workload_fields)
     files.update(kernel_files)
 
@@ -182,12 +183,23 @@ def _retrieval_head(dlm: str | None, source, model: str, level: str, max_len: in
     return {**report, "source": str(dlm), "file": HEAD_FILE}, {HEAD_FILE: head.to_bytes()}, shape
 
 
-def _workload_fields(workload, solution, level: str) -> dict:
+def _workload_fields(workload, solution, level: str, prefill_chunk: int) -> dict:
     return {"max_len": workload.max_len, "prompt_len": workload.prompt_len, "batch": solution.batch,
             "budget": workload.budget, "sink_tokens": workload.sink_tokens,
             "recent_tokens": workload.recent_tokens, "width": workload.window_tokens,
             "selection_overlap": workload.selection_overlap, "level": level,
-            "dtype": "bfloat16"}
+            "prefill_chunk_tokens": prefill_chunk, "dtype": "bfloat16"}
+
+
+def _prefill_chunk(spec, workload, hw, solution, windows) -> int:
+    """Prompt tokens per prefill forward: what fits in the memory the solved plan leaves free."""
+    from dataclasses import replace
+
+    from specontext_compiler.cost_models import memory
+    work = replace(workload, batch=solution.batch)
+    residency = [(len(seg.gpu_layers), seg.to_len) for seg in solution.segments]
+    free = memory.free_bytes_at_peak(spec, work, hw.gpu_memory_bytes, residency, hw.unified_memory)
+    return memory.prefill_chunk_tokens(spec, work, free, masked=any(windows))
 
 
 def _prediction(solution, spec, workload, hw) -> dict:

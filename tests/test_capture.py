@@ -27,7 +27,8 @@ def test_tiny_capture_matches_hf_forward():
     gm = captured.graph_module
     assert count_ops(gm)["specontext.attention.default"] == config.num_hidden_layers
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    assert placeholders[-2:] == ["input_ids", "position_ids"] and "use_cache" not in placeholders
+    assert placeholders[-2:] == ["input_ids", "position_ids"]
+    assert "use_cache" not in placeholders and "logits_to_keep" not in placeholders
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -40,8 +41,8 @@ def test_tiny_capture_matches_hf_forward():
         pos = torch.arange(tokens).expand(batch, -1)
         with torch.no_grad(), context.active(_FreshPrefill()):
             (logits,) = gm(*params, ids, pos)
-            expected = model(input_ids=ids, position_ids=pos).logits
-        assert logits.shape == (batch, tokens, config.vocab_size)
+            expected = model(input_ids=ids, position_ids=pos).logits[:, -1:]
+        assert logits.shape == (batch, 1, config.vocab_size)       # the LM head sees the last token only
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from specontext_compiler.runtime.attention import dense_causal
+from specontext_compiler.runtime.attention import causal_sdpa, dense_causal
 
 
 def _inputs(start, steps, device):
@@ -23,8 +23,21 @@ def test_a_chunk_attends_to_its_history_and_itself_causally():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("start", [0, 7])
-def test_sdpa_matches_the_reference(start):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])   # bf16: flash
+def test_sdpa_matches_the_reference(start, dtype, tol):
     q, k, v = _inputs(start, 9, "cpu")
     expected = dense_causal(q, k, v, [start, start], 0.25)
-    got = dense_causal(q.cuda(), k.cuda(), v.cuda(), [start, start], 0.25).cpu()
-    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+    got = dense_causal(*(t.to("cuda", dtype) for t in (q, k, v)), [start, start], 0.25).float().cpu()
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])   # bf16: lower-right bias
+@pytest.mark.parametrize("starts,window", [([0, 0], 0), ([7, 7], 0), ([0, 7], 0), ([7, 7], 4)])
+def test_the_fused_sdpa_path_matches_the_reference_on_cpu(starts, window, dtype, tol):
+    """The GPU's code path (first chunk causal, later chunk lower-right causal, windows masked), run
+    by PyTorch's CPU SDPA: the same outputs as the reference's explicit masks."""
+    q, k, v = _inputs(7, 9, "cpu")
+    expected = dense_causal(q, k, v, starts, 0.25, window)
+    got = causal_sdpa(q.to(dtype), k.to(dtype), v.to(dtype), starts, 0.25, window)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
