@@ -5,7 +5,8 @@ For a model with weights (`default_head_file`):
      it and its recorded recall;
   2. else, with a CUDA GPU (`on_demand_device`) and distill=True, a head is distilled now with the
      settings of a plain `specontext distill MODEL`, stored in the cache, and used;
-  3. else the LLM's own layer 0 (self:0) selects, and one warning line names the command that fixes it.
+  3. else (or when that distill fails on the model, e.g. no tokenizer beside its weights) the LLM's
+     own layer 0 (self:0) selects, and one warning line names the command that fixes it.
 A preset or config-only model has no weights to distill from: self:0, quietly.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from specontext_compiler.errors import SpecontextWarning
+from specontext_compiler.errors import SpecontextError, SpecontextWarning
 
 # What a compile distills on demand: distill_retrieval_head's defaults, which are also those of a
 # plain `specontext distill MODEL` (so the cache holds the same head either way).
@@ -52,7 +53,12 @@ def default_head_file(source, model: str, *, distill: bool = True) -> Path | Non
     if device is None:
         warnings.warn(default_head_warning(model), SpecontextWarning, stacklevel=4)
         return None
-    return distill_into_cache(source.path, fingerprint, source.name, device)
+    try:
+        return distill_into_cache(source.path, fingerprint, source.name, device)
+    except SpecontextError as exc:      # e.g. no tokenizer beside the weights: plan as before, and say why
+        warnings.warn(f"{default_head_warning(model)}; distilling one now failed: {exc}", SpecontextWarning,
+                      stacklevel=4)
+        return None
 
 
 def distill_into_cache(weights: Path, fingerprint: str, name: str, device: str) -> Path:

@@ -139,6 +139,17 @@ def test_with_a_gpu_a_missing_head_is_distilled_into_the_cache_then_reused(model
     assert again.retrieval_head == head
 
 
+def test_a_model_that_cannot_be_distilled_plans_with_self_and_says_why(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(default_head, "on_demand_device", lambda: "cpu")          # "a GPU is present"
+    result = invoke("compile", str(model_dir), "--max-len", "1k", "-o", str(tmp_path / "p"))
+    assert result.exit_code == 0, result.output
+    lines = [line for line in stderr_lines(result) if not line.startswith(" ")]   # progress lines are indented
+    warned = [line for line in lines if line.startswith("warning: ")]
+    assert len(warned) == 1 and "self:0" in warned[0] and "no tokenizer" in warned[0], result.stderr
+    head = json.loads((tmp_path / "p" / "plan.json").read_text())["retrieval_head"]
+    assert head["kind"] == "self" and list(head_cache.heads_dir().iterdir()) == []
+
+
 def test_distill_without_out_fills_the_cache_under_its_root_only(model_dir, deep_model, tokenizer, tmp_path,
                                                                  monkeypatch):
     root = tmp_path / "cache-root"
