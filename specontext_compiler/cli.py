@@ -626,6 +626,7 @@ def distill_cmd(
     device: Annotated[Optional[str], typer.Option("--device", metavar="cuda|cpu", help="Where the teacher and training run (bf16 autocast on cuda). Default: cuda when a GPU is present.")] = None,
 ) -> None:
     """Distill a fused retrieval head from MODEL's own attention (CPU is fine; minutes for SmolLM2).
+    Without -o the head goes to the head cache, where `specontext compile MODEL` finds it.
 
     Example: specontext distill smollm2 -o heads/smollm2-fused.safetensors --sequences 48 --epochs 8
     """
