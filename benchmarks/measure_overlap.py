@@ -26,7 +26,7 @@ from specontext_compiler.smollm2 import load_causal_lm
 def overlap_for(model, tokenizer, hf_dir, context: int, budget: int, new_tokens: int, workdir: Path) -> dict:
     out = workdir / f"p-{context}-{budget}"
     plan = compile_model(str(hf_dir), target="h100", max_len=context + new_tokens + 8, prompt_len=context,
-                         budget=budget, recent_tokens=16, out=out)
+                         budget=budget, recent_tokens=16, out=out, dlm="self:0")
     plan = load_plan(out)
     last = plan.model["num_layers"] - 1
     plan.segments = [Segment(0, plan.workload["max_len"], list(range(last)), [last], {})]

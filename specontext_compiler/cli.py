@@ -1,4 +1,4 @@
-"""The `specontext` command line: compile, inspect, targets, run, serve, eval, distill.
+"""The `specontext` command line: compile, inspect, targets, run, serve, eval, distill, heads.
 
 Each command parses its options, calls one library function and renders the result; user errors
 (SpecontextError) and a missing optional dependency become one line on stderr and exit 2, here
@@ -225,7 +225,8 @@ def _one_line_warnings():
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     for item in caught:
         if issubclass(item.category, SpecontextWarning):
-            err.print(Text("warning: ", style="bold yellow") + Text(" ".join(str(item.message).split())))
+            label = getattr(item.category, "label", "warning")      # a notice says "note:"
+            err.print(Text(f"{label}: ", style="bold yellow") + Text(" ".join(str(item.message).split())))
         else:
             warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
@@ -241,7 +242,8 @@ def compile_cmd(
     budget: Annotated[Optional[int], typer.Option("--budget", min=1, metavar="TOKENS", help="Selected KV tokens per layer per step (the paper's B), in tokens; at most --max-len. Default: 2048, or --max-len if smaller.")] = None,
     sinks: Annotated[int, typer.Option("--sinks", min=0, metavar="TOKENS", help="Leading sink tokens always attended, in tokens.")] = 1,
     recent: Annotated[int, typer.Option("--recent", min=0, metavar="TOKENS", help="Most recent tokens always attended, in tokens.")] = 16,
-    dlm: Annotated[Optional[str], typer.Option("--dlm", metavar="DLM", help="The head that does retrieval: a retrieval-head .safetensors file (from `specontext distill`) or a smaller draft model of the same tokenizer (HF directory or GGUF). Default: the model's own layer 0, inaccurate on long contexts.")] = None,
+    dlm: Annotated[Optional[str], typer.Option("--dlm", metavar="DLM", help="The head that does retrieval: a retrieval-head .safetensors file (from `specontext distill`), a smaller draft model of the same tokenizer (HF directory or GGUF), or self:0 (the model's own layer 0, inaccurate on long contexts). Default for a model with weights: its head from the cache (`specontext heads`), distilled now on a GPU if there is none, else self:0 with a warning.")] = None,
+    distill: Annotated[bool, typer.Option("--distill/--no-distill", help="Without --dlm, with the model's weights, no cached head and a CUDA GPU: distill a head now into the cache (minutes). --no-distill plans with self:0 instead.")] = True,
     target_file: Annotated[Optional[Path], typer.Option("--target-file", metavar="FILE", help="A target TOML file instead of a built-in target.")] = None,
     prompt_len: Annotated[Optional[str], typer.Option("--prompt-len", metavar="TOKENS", help="Expected prompt length, in tokens (131072, 128k); sets the initial residency.")] = None,
     level: Annotated[str, typer.Option("--level", metavar="head|batch", help="Selection level: 'head' picks tokens per KV-head group (the paper's; a --dlm must map its KV heads onto the LLM's), 'batch' one shared set per request (any geometry).")] = "head",
@@ -264,7 +266,7 @@ def compile_cmd(
                              sink_tokens=sinks, recent_tokens=recent, out=out_dir, dlm=dlm,
                              target_file=str(target_file) if target_file else None,
                              prompt_len=prompt_tokens, selection_overlap=selection_overlap, level=level,
-                             progress=progress)
+                             distill=distill, progress=progress)
     if as_json:
         from specontext_compiler.report import plan_summary_json
         typer.echo(_strict_json(plan_summary_json(plan)))
@@ -503,11 +505,13 @@ def eval_cmd(
 
 
 # -- distill ------------------------------------------------------------------------------------
-def _check_distill_options(out: Path, **counts: int) -> None:
+def _check_distill_options(out: Optional[Path], **counts: int) -> None:
     """Refuse bad input before the (slow) model load: counts must be positive, out writable."""
     for option, value in counts.items():
         if value < 1:
             raise SpecontextError(f"--{option.replace('_', '-')} {value} must be a positive integer")
+    if out is None:
+        return
     if out.suffix != ".safetensors":
         raise SpecontextError(f"output {out} must end in .safetensors (how --dlm recognizes a head file)")
     if not out.parent.is_dir():
@@ -610,7 +614,7 @@ def _distill_summary(report: dict, out: Path) -> Table:
 @_edge
 def distill_cmd(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="'smollm2', a local HF model directory or a GGUF file: the LLM to distill from.")],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="HEAD.safetensors", help="Retrieval-head file to write (an existing head is replaced atomically, any other file is refused); pass it to --dlm.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="HEAD.safetensors", help="Retrieval-head file to write (an existing head is replaced atomically, any other file is refused); pass it to --dlm. Default: the head cache (`specontext heads`), where a compile of MODEL without --dlm finds it.")] = None,
     sequences: Annotated[int, typer.Option("--sequences", metavar="N", help="Training sequences (one in 8 held out for validation).")] = 48,
     seq_len: Annotated[int, typer.Option("--seq-len", metavar="TOKENS", help="Length of each training sequence, in tokens.")] = 2048,
     epochs: Annotated[int, typer.Option("--epochs", metavar="E", help="Passes over the training sequences.")] = 8,
@@ -622,11 +626,16 @@ def distill_cmd(
     device: Annotated[Optional[str], typer.Option("--device", metavar="cuda|cpu", help="Where the teacher and training run (bf16 autocast on cuda). Default: cuda when a GPU is present.")] = None,
 ) -> None:
     """Distill a fused retrieval head from MODEL's own attention (CPU is fine; minutes for SmolLM2).
+    Without -o the head goes to the head cache, where `specontext compile MODEL` finds it.
 
     Example: specontext distill smollm2 -o heads/smollm2-fused.safetensors --sequences 48 --epochs 8
     """
     _check_distill_options(out, sequences=sequences, seq_len=seq_len, epochs=epochs,
                            **({"threads": threads} if threads is not None else {}))
+    cache_key = None
+    if out is None:                     # the cache's key, before the slow load (and its errors first)
+        from specontext_compiler.distill.default_head import fingerprint_of
+        cache_key = fingerprint_of(model)
     from specontext_compiler.distill.teacher import AGGREGATES
     if teacher not in AGGREGATES:        # before the model load, which takes the time
         raise SpecontextError(f"--teacher {teacher!r}: choose {' or '.join(AGGREGATES)}")
@@ -652,10 +661,46 @@ def distill_cmd(
                                               teacher_aggregate=teacher, recall_documents=recall_documents,
                                               teacher_layers=layers, loss_level=loss, name=name,
                                               progress=_DistillProgress(bar))
-    _save_atomically(head_bytes(head, metadata_record(report)), out)
+    if cache_key is None:
+        _save_atomically(head_bytes(head, metadata_record(report)), out)
+        use = f"specontext compile {model} --dlm {out}"
+    else:
+        from specontext_compiler.distill.head_cache import store_head
+        fingerprint, weights, cache_name = cache_key
+        out = store_head(head_bytes(head, metadata_record(report)), fingerprint, cache_name)
+        use = f"specontext compile {weights} (no --dlm: the cached head is found by the model's fingerprint)"
     console = _out()
     console.print(_distill_summary(report, out))
-    console.print(f"[dim]use it: specontext compile {model} --dlm {out}[/dim]")
+    console.print(f"[dim]use it: {use}[/dim]")
+
+
+@app.command("heads")
+@_edge
+def heads_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the cached heads as JSON.")] = False,
+) -> None:
+    """List the distilled retrieval heads in the cache (what `specontext distill MODEL` without -o
+    makes and `specontext compile MODEL` without --dlm uses), newest first.
+
+    Example: specontext heads
+    """
+    from specontext_compiler.distill.head_cache import heads_dir, list_heads
+    from specontext_compiler.head_info import recall_text
+    heads = list_heads()
+    if as_json:
+        typer.echo(_strict_json(heads))
+        return
+    if not heads:
+        _out().print(f"no cached heads in {heads_dir()}; make one with `specontext distill MODEL`")
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold cyan", collapse_padding=True)
+    for header in ("model", "fingerprint", "teacher layers", "recall", "size", "file"):
+        table.add_column(header, overflow="fold" if header == "file" else "ellipsis")
+    for head in heads:
+        layers = ", ".join(map(str, head["teacher_layers"])) if head["teacher_layers"] else "all"
+        table.add_row(str(head["model"]), head["fingerprint"], layers, recall_text(head),
+                      f"{head['bytes'] / 2**20:.1f} MiB", head["path"])
+    _out().print(table)
 
 
 def main() -> None:

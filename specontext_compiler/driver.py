@@ -9,7 +9,6 @@ from __future__ import annotations
 import platform
 import re
 import time
-import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -24,20 +23,23 @@ from specontext_compiler.sizes import parse_tokens
 Progress = Callable[[str, float], None]
 STAGES = ("load model", "retrieval head", "plan (ILP)", "export", "passes", "codegen", "write")
 HEAD_FILE = "retrieval_head.safetensors"
+SELF_HEAD = "self:0"        # --dlm spelling of the LLM's own layer 0, built at bind time
 
 
 def compile_model(model: str, target: str = "a100", max_len: int | str = "128k", *,
                   batch: int | str = 1, budget: int | None = None, sink_tokens: int = 1,
                   recent_tokens: int = 16, out: str | Path | None = None, dlm: str | None = None,
                   target_file: str | None = None, prompt_len: int | str | None = None,
-                  selection_overlap: float = 0.8, level: str = "head",
+                  selection_overlap: float = 0.8, level: str = "head", distill: bool = True,
                   progress: Progress | None = None) -> Plan:
     """Compile a plan for serving MODEL on TARGET up to max_len tokens; write it to `out`.
 
     budget: selected KV tokens per layer per step; None is DEFAULT_BUDGET, or max_len if shorter.
-    dlm: a draft model (directory or GGUF of the same tokenizer), a retrieval-head file, or None
-    for the LLM's own layer 0 (warns when the model's weights are present: it is inaccurate on
-    long contexts). level: "head" (a token set per KV-head group, the paper's) or "batch" (one).
+    dlm: a draft model (directory or GGUF of the same tokenizer), a retrieval-head file, "self:0"
+    for the LLM's own layer 0, or None: for a model with weights, the distilled head cached for
+    it, else (distill=True and a CUDA GPU) one distilled now into the cache, else self:0 with a
+    warning (distill/default_head.py). level: "head" (a token set per KV-head group, the paper's)
+    or "batch" (one).
     """
     from specontext_compiler import models
     from specontext_compiler.cost_models.ilp import plan_residency
@@ -59,7 +61,7 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len else _default_prompt(max_len_tokens)
 
     clock.stage("retrieval head")       # before the ILP (its size is costed) and the passes (taps)
-    head_info, files, head_shape = _retrieval_head(dlm, source, model, level, max_len_tokens)
+    head_info, files, head_shape = _retrieval_head(dlm, source, model, level, max_len_tokens, distill)
     workload = Workload(max_len=max_len_tokens, prompt_len=prompt_tokens,
                         batch=batch if isinstance(batch, int) else 1, budget=budget,
                         sink_tokens=sink_tokens, recent_tokens=recent_tokens,
@@ -158,20 +160,22 @@ def _capture(config):
     return capture_decode_graph(config)
 
 
-def _retrieval_head(dlm: str | None, source, model: str, level: str, max_len: int):
+def _retrieval_head(dlm: str | None, source, model: str, level: str, max_len: int, distill: bool = True):
     """(plan record, files, shape for the cost model) of the retrieval head.
 
     With a DLM the head is extracted now and stored in the plan (HEAD_FILE; a shared embedding is
     attached from the LLM's weights at bind time) and the cost model prices its real parameters
     (a fused head's fc included); feature_layers say which hidden states the graph taps. Without
-    one, the LLM's own layer 0 is built at bind time, the cost model keeps its EAGLE-3 shape, and
-    a model with weights gets a warning (that head loses most long-context look-ups).
+    one, a model with weights gets its cached (or freshly distilled) head as if it were --dlm
+    (default_head.py); otherwise, and for "self:0", the LLM's own layer 0 is built at bind time
+    and the cost model keeps its EAGLE-3 shape.
     """
     from specontext_compiler import head_info
-    from specontext_compiler.errors import SpecontextWarning
     if dlm is None:
-        if head_info.weights_present(source.path):
-            warnings.warn(head_info.default_head_warning(model), SpecontextWarning, stacklevel=3)
+        from specontext_compiler.distill.default_head import default_head_file
+        found = default_head_file(source, model, distill=distill)
+        dlm = str(found) if found is not None else SELF_HEAD
+    if dlm in (SELF_HEAD, "self"):
         from specontext_compiler.dlm import llm_geometry, selection_kv_heads
         return head_info.self_head_record(level, selection_kv_heads(llm_geometry(source.config), level)), {}, None
     from specontext_compiler.cost_models.workload import RetrievalHead as HeadShape

@@ -86,12 +86,13 @@ def weights_present(path: Path | None) -> bool:
 
 
 def default_head_warning(model: str) -> str:
-    """One line: the default head is inaccurate on long contexts, and the commands that fix it."""
-    name = Path(str(model).rstrip("/")).stem or "model"
-    head, model = shlex.quote(f"{name}-head.safetensors"), shlex.quote(str(model))
-    return (f"no --dlm: the retrieval head is the model's own layer-0 projections (self:0), which loses "
-            f"most long-context look-ups ({SELF_HEAD_FINDING}); make an accurate head with "
-            f"`specontext distill {model} -o {head}` and compile with `--dlm {head}`")
+    """One line: the default head is inaccurate on long contexts, and the command that fixes it
+    (its head goes into the cache, where the next compile without --dlm finds it)."""
+    model = shlex.quote(str(model))
+    return (f"no --dlm and no distilled head cached for this model: the retrieval head is the model's own "
+            f"layer-0 projections (self:0), which loses most long-context look-ups ({SELF_HEAD_FINDING}); "
+            f"make an accurate head with `specontext distill {model}` (minutes on a GPU; the next compile "
+            f"uses it)")
 
 
 def head_summary(head: dict[str, Any]) -> str:
@@ -107,11 +108,12 @@ def head_summary(head: dict[str, Any]) -> str:
     if head.get("teacher_layers"):
         reason = f" ({head['teacher_layers_reason']})" if head.get("teacher_layers_reason") else ""
         parts.append(f"teacher layers {head['teacher_layers']}{reason}")
-    parts.append("recall " + _recall_text(head))
+    parts.append("recall " + recall_text(head))
     return ", ".join(parts)
 
 
-def _recall_text(head: dict[str, Any]) -> str:
+def recall_text(head: dict[str, Any]) -> str:
+    """A head record's recall (a number or {name: value}), or why there is none."""
     recall = head.get("recall")
     if isinstance(recall, dict):
         return " ".join(f"{k} {_number(v)}" for k, v in recall.items())

@@ -54,3 +54,14 @@ def make_fused_head():
             fc_weight=torch.randn(hidden, width) / width ** 0.5, feature_norm_weight=1 + 0.1 * torch.randn(width))
 
     return build
+
+
+@pytest.fixture(autouse=True)
+def _private_head_cache(tmp_path_factory, monkeypatch):
+    """No test reads or fills the user's head cache, and none distills on demand, even on a GPU
+    machine (a compile of a model with weights would); the head-cache tests opt back in."""
+    from specontext_compiler.distill import default_head, head_cache
+    directory = tmp_path_factory.mktemp("heads")
+    monkeypatch.setattr(head_cache, "heads_dir", lambda: directory)
+    monkeypatch.setattr(default_head, "on_demand_device", lambda: None)
+    yield
