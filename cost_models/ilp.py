@@ -37,7 +37,8 @@ from specontext_compiler.cost_models.feasibility import infeasibility_message, m
 from specontext_compiler.cost_models.model_spec import ModelSpec
 from specontext_compiler.cost_models.target import Target
 from specontext_compiler.cost_models.workload import Workload
-from specontext_compiler.errors import InfeasiblePlanError, SpecontextError
+from specontext_compiler.errors import InfeasiblePlanError
+from specontext_compiler.sizes import parse_batch
 
 NUM_SEGMENTS = 8
 
@@ -187,9 +188,8 @@ def plan_residency(spec: ModelSpec, workload: Workload, target: Target, batch: i
     the best power of two's neighbours; keep the highest predicted tokens/s (all of them listed
     in Solution.batch_search). resident_layers stay on the GPU in every segment.
     """
+    batch = parse_batch(batch)
     if batch != "auto":
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise SpecontextError(f"--batch {batch!r} must be a positive integer or 'auto'")
         return _solve_batch(spec, replace(workload, batch=batch), target, time_limit_s, symmetry_breaking,
                             resident_layers)
     largest = max_feasible_batch(spec, workload, target)

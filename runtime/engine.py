@@ -284,18 +284,19 @@ def _build_context(plan, head, batch, device, dtype) -> StepContext:
     from specontext_compiler.runtime.model_spec import ModelSpec
     from specontext_compiler.runtime.kernel_set import kernels_for
     from specontext_compiler.runtime import memory_check, selection
+    from specontext_compiler.runtime.plan import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
     spec = ModelSpec.from_dict(plan.model)
     work = plan.workload
     slots = batch or int(work["batch"])
     first = plan.segment_for(1)
-    width = selection.selection_width(int(work["budget"]), int(work.get("sink_tokens", 1)),
-                                      int(work.get("recent_tokens", 0)))
+    sinks = int(work.get("sink_tokens", DEFAULT_SINK_TOKENS))
+    recent = int(work.get("recent_tokens", DEFAULT_RECENT_TOKENS))
+    width = selection.selection_width(int(work["budget"]), sinks, recent)
     groups = selection.selection_groups(spec.num_heads, spec.num_kv_heads, work.get("level", "head"))
     memory_check.check_fits(slots, memory_check.slot_bytes(plan, spec, width, groups, head, dtype), device)
     try:
         return StepContext.for_model(
-            spec, slots, int(work["max_len"]), int(work["budget"]), int(work.get("sink_tokens", 1)),
-            int(work.get("recent_tokens", 0)), head=head, offloaded_layers=first.offloaded_layers,
+            spec, slots, int(work["max_len"]), int(work["budget"]), sinks, recent, head=head, offloaded_layers=first.offloaded_layers,
             capacity=min(first.to_len, int(work["max_len"])),
             device=device, dtype=dtype, level=work.get("level", "head"), kernels=kernels_for(device, plan, dtype),
             windows=plan.model.get("layer_windows") or ())

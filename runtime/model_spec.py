@@ -8,6 +8,15 @@ from dataclasses import asdict, dataclass, fields
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
 
 
+def attention_kind(num_heads: int, num_kv_heads: int, *, latent: bool = False) -> str:
+    """One of ATTENTION_KINDS: mla when the cache holds a compressed latent, else by head counts."""
+    if latent:
+        return "mla"
+    if num_kv_heads == num_heads:
+        return "mha"
+    return "mqa" if num_kv_heads == 1 else "gqa"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Shape of a decoder-only LLM as the planner sees it."""

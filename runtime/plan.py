@@ -19,6 +19,10 @@ from specontext_compiler.runtime.plan_integrity import verify_plan_files
 
 SCHEMA_VERSION = (1, 0)
 PLAN_FILE = "plan.json"
+# The always-attended window around the selected tokens: the compiler's defaults, and what a
+# plan's workload means when it omits them.
+DEFAULT_SINK_TOKENS = 1
+DEFAULT_RECENT_TOKENS = 16
 
 
 @dataclass(frozen=True)

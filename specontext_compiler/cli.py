@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -27,7 +26,8 @@ from rich.table import Table
 from rich.text import Text
 
 from specontext_compiler.errors import SpecontextError
-from specontext_compiler.sizes import parse_tokens
+from specontext_compiler.runtime.plan import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
+from specontext_compiler.sizes import parse_batch, parse_tokens
 
 try:                        # typer >= 0.22 carries its own copy of click
     from typer._click import exceptions as click_exceptions
@@ -172,19 +172,6 @@ def _strict_json(data: Any) -> str:
                               "check the target's figures and the options, then recompile") from None
 
 
-def _parse_batch(text: str) -> int | str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    if not re.fullmatch(r"\s*[1-9][0-9]*\s*", text):
-        raise SpecontextError(f"--batch {text!r} is not a request count; write a positive integer or 'auto'")
-    return int(text)
-
-
-def _default_out(model: str, target: str, target_file: str | None) -> Path:
-    from specontext_compiler.driver import default_plan_dir
-    return default_plan_dir(model, Path(target_file).stem if target_file else target)
-
-
 def _compile_summary(plan: Any, stage_s: dict[str, float]) -> Table:
     from specontext_compiler.report import format_tokens, plan_summary_json
     summary = plan_summary_json(plan)["summary"]
@@ -239,8 +226,8 @@ def compile_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", help="Plan directory to write; only a specontext plan (or an empty directory) is replaced. Default: plans/<model>-<target>.")] = None,
     batch: Annotated[str, typer.Option("--batch", metavar="N|auto", help="Concurrent requests: a positive integer, or 'auto' for the largest that fits.")] = "1",
     budget: Annotated[Optional[int], typer.Option("--budget", min=1, metavar="TOKENS", help="Selected KV tokens per layer per step (the paper's B), in tokens; at most --max-len. Default: 2048, or --max-len if smaller.")] = None,
-    sinks: Annotated[int, typer.Option("--sinks", min=0, metavar="TOKENS", help="Leading sink tokens always attended, in tokens.")] = 1,
-    recent: Annotated[int, typer.Option("--recent", min=0, metavar="TOKENS", help="Most recent tokens always attended, in tokens.")] = 16,
+    sinks: Annotated[int, typer.Option("--sinks", min=0, metavar="TOKENS", help="Leading sink tokens always attended, in tokens.")] = DEFAULT_SINK_TOKENS,
+    recent: Annotated[int, typer.Option("--recent", min=0, metavar="TOKENS", help="Most recent tokens always attended, in tokens.")] = DEFAULT_RECENT_TOKENS,
     dlm: Annotated[Optional[str], typer.Option("--dlm", metavar="DLM", help="The head that does retrieval: a retrieval-head .safetensors file (from `specontext distill`) or a smaller draft model of the same tokenizer (HF directory or GGUF). Default: the model's own layer 0, inaccurate on long contexts.")] = None,
     target_file: Annotated[Optional[Path], typer.Option("--target-file", metavar="FILE", help="A target TOML file instead of a built-in target.")] = None,
     prompt_len: Annotated[Optional[str], typer.Option("--prompt-len", metavar="TOKENS", help="Expected prompt length, in tokens (131072, 128k); sets the initial residency.")] = None,
@@ -257,10 +244,10 @@ def compile_cmd(
     max_len_tokens = parse_tokens(max_len, "--max-len")
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len is not None else None
     check_level(level)
-    out_dir = out or _default_out(model, target, str(target_file) if target_file else None)
+    out_dir = out or driver.default_plan_dir(model, target, str(target_file) if target_file else None)
     with _StageProgress(enabled=not as_json, stages=driver.STAGES) as progress, \
             _one_line_warnings():
-        plan = driver.compile_model(model, target, max_len_tokens, batch=_parse_batch(batch), budget=budget,
+        plan = driver.compile_model(model, target, max_len_tokens, batch=parse_batch(batch), budget=budget,
                              sink_tokens=sinks, recent_tokens=recent, out=out_dir, dlm=dlm,
                              target_file=str(target_file) if target_file else None,
                              prompt_len=prompt_tokens, selection_overlap=selection_overlap, level=level,

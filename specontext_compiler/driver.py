@@ -16,10 +16,10 @@ from typing import Callable
 
 from specontext_compiler import __version__
 from specontext_compiler.errors import SpecontextError
-from specontext_compiler.runtime.plan import (SCHEMA_VERSION, Plan, PrefetchSlot, Segment, check_plan_output,
-                                              write_plan_dir)
+from specontext_compiler.runtime.plan import (DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, SCHEMA_VERSION, Plan,
+                                              PrefetchSlot, Segment, check_plan_output, write_plan_dir)
 from specontext_compiler.runtime.plan_integrity import plan_manifest
-from specontext_compiler.sizes import parse_tokens
+from specontext_compiler.sizes import parse_batch, parse_tokens
 
 Progress = Callable[[str, float], None]
 STAGES = ("load model", "retrieval head", "plan (ILP)", "export", "passes", "codegen", "write")
@@ -27,8 +27,8 @@ HEAD_FILE = "retrieval_head.safetensors"
 
 
 def compile_model(model: str, target: str = "a100", max_len: int | str = "128k", *,
-                  batch: int | str = 1, budget: int | None = None, sink_tokens: int = 1,
-                  recent_tokens: int = 16, out: str | Path | None = None, dlm: str | None = None,
+                  batch: int | str = 1, budget: int | None = None, sink_tokens: int = DEFAULT_SINK_TOKENS,
+                  recent_tokens: int = DEFAULT_RECENT_TOKENS, out: str | Path | None = None, dlm: str | None = None,
                   target_file: str | None = None, prompt_len: int | str | None = None,
                   selection_overlap: float = 0.8, level: str = "head",
                   progress: Progress | None = None) -> Plan:
@@ -53,8 +53,9 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     max_len_tokens = parse_tokens(max_len, "--max-len")
     models.check_max_len(spec, max_len_tokens)
     budget = _budget(budget, max_len_tokens)
+    batch = parse_batch(batch)
     hw = load_target_file(target_file) if target_file else load_target(target)
-    out_dir = Path(out) if out else default_plan_dir(source.name, hw.name)
+    out_dir = Path(out) if out else default_plan_dir(model, target, target_file)
     check_plan_output(out_dir)          # refuse a path that is not ours, or unwritable, before any slow work
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len else _default_prompt(max_len_tokens)
 
@@ -67,7 +68,7 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
 
     clock.stage("plan (ILP)")
     windows = models.layer_windows(source.config)
-    solution = plan_residency(spec, workload, hw, batch=_parse_batch(batch),
+    solution = plan_residency(spec, workload, hw, batch=batch,
                               resident_layers=[i for i, w in enumerate(windows) if w])
     offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
 
@@ -111,10 +112,12 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     return plan
 
 
-def default_plan_dir(model: str, target: str) -> Path:
-    """plans/<model>-<target>, with the model's last path part and only file-name-safe characters."""
+def default_plan_dir(model: str, target: str, target_file: str | None = None) -> Path:
+    """plans/<model>-<target>: the model's last path part, the target's name as given (a target
+    file's stem), only file-name-safe characters. The CLI and library callers share it."""
     name = Path(model.rstrip("/")).name or model
-    return Path("plans") / re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}-{target}")
+    target_name = Path(target_file).stem if target_file else target
+    return Path("plans") / re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}-{target_name}")
 
 
 class _Clock:
@@ -141,15 +144,6 @@ def _budget(budget: int | None, max_len: int) -> int:
 def _default_prompt(max_len: int) -> int:
     """Without --prompt-len, plan for prompts of 1/16 of max-len (at least 1 token)."""
     return max(1, min(2048, max_len // 16))
-
-
-def _parse_batch(batch: int | str) -> int | str:
-    if isinstance(batch, int) or str(batch) == "auto":
-        return batch if isinstance(batch, int) else "auto"
-    try:
-        return int(batch)
-    except ValueError:
-        raise SpecontextError(f"--batch {batch!r} is not a number; give a request count or 'auto'") from None
 
 
 def _capture(config):

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from specontext_compiler.errors import SpecontextError
+from specontext_compiler.runtime.plan import DEFAULT_RECENT_TOKENS
 
-RECENT_TOKENS = 16          # the always-attended recent window the teacher leaves out
+RECENT_TOKENS = DEFAULT_RECENT_TOKENS   # the always-attended recent window the teacher leaves out
 QUERIES_PER_SEQUENCE = 256
 MIN_CONTEXT = 64            # a query needs this many selectable keys to teach anything
 VALIDATION_FRACTION = 8     # one sequence in 8 is held out (6 of the default 48)

@@ -17,6 +17,7 @@ from pathlib import Path
 from specontext_compiler.errors import SpecontextError
 from specontext_compiler.eval.methods import METHODS
 from specontext_compiler.eval.text import long_text_ids, python_version
+from specontext_compiler.runtime.plan import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 
 TASKS = ("recall", "passkey")
 
@@ -43,8 +44,8 @@ class EvalResult:
 def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), lengths=(2048, 4096, 8192),
              depths=(0.1, 0.3, 0.5, 0.7, 0.9), methods=METHODS, head_layer: int = 0, dlm=None,
              head: str | None = None, compare_heads=(), passkey_budgets=(1024, 2048),
-             recall_length: int = 8192, recall_queries: int = 16, compare_head_layers=(), sink: int = 1,
-             recent: int = 16, page_size: int = 16, seed: int = 0, threads: int | None = None,
+             recall_length: int = 8192, recall_queries: int = 16, compare_head_layers=(), sink: int = DEFAULT_SINK_TOKENS,
+             recent: int = DEFAULT_RECENT_TOKENS, page_size: int = 16, seed: int = 0, threads: int | None = None,
              passkey_question: str = "prompt", passkey_keys: int = 1, show_progress: bool = True) -> EvalResult:
     """Run the tasks; budgets for recall, passkey_budgets for passkey (each is W - sink - recent).
 
@@ -143,8 +144,8 @@ def run_eval_for_plan(plan_dir, tasks=TASKS, **options) -> EvalResult:
     if not source:
         raise SpecontextError(f"plan {plan_dir} records no model.source; recompile it from a model directory or GGUF")
     workload = plan.workload
-    options.setdefault("sink", int(workload.get("sink_tokens", 1)))
-    options.setdefault("recent", int(workload.get("recent_tokens", 16)))
+    options.setdefault("sink", int(workload.get("sink_tokens", DEFAULT_SINK_TOKENS)))
+    options.setdefault("recent", int(workload.get("recent_tokens", DEFAULT_RECENT_TOKENS)))
     if workload.get("budget"):
         options.setdefault("passkey_budgets", (int(workload["budget"]),))
     layer = plan.retrieval_head.get("layer")
