@@ -56,20 +56,10 @@ def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), 
     serves it) or "decode" (its tokens are sparse decode steps); passkey_keys: keys per depth.
     """
     import torch
-    from specontext_compiler.eval.passkey import QUESTION_MODES
     from specontext_compiler.eval.prefix_head import make_head
     from specontext_compiler.smollm2 import load_causal_lm
 
-    unknown = set(tasks) - set(TASKS) or set(methods) - set(METHODS)
-    if unknown:
-        raise SpecontextError(f"unknown eval task or method {sorted(unknown)}; choose from {TASKS} / {METHODS}")
-    if passkey_question not in QUESTION_MODES:
-        raise SpecontextError(f"passkey question mode {passkey_question!r} is unknown; choose from {QUESTION_MODES}")
-    if passkey_keys < 1:
-        raise SpecontextError(f"passkey keys per depth {passkey_keys} must be a positive integer")
-    for budget in (*budgets, *passkey_budgets):
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise SpecontextError(f"budget {budget!r} must be a positive number of selected tokens")
+    _check_options(tasks, methods, passkey_question, passkey_keys, (*budgets, *passkey_budgets))
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, hf_dir = load_causal_lm(model_dir_or_gguf)
@@ -102,6 +92,21 @@ def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), 
                                            question_mode=passkey_question, keys_per_depth=passkey_keys,
                                            progress=lambda: bar.advance(task))
     return result
+
+
+def _check_options(tasks, methods, passkey_question: str, passkey_keys: int, budgets) -> None:
+    """Refuse unknown tasks, methods or question modes and non-positive counts, before the model loads."""
+    from specontext_compiler.eval.passkey import QUESTION_MODES
+    unknown = set(tasks) - set(TASKS) or set(methods) - set(METHODS)
+    if unknown:
+        raise SpecontextError(f"unknown eval task or method {sorted(unknown)}; choose from {TASKS} / {METHODS}")
+    if passkey_question not in QUESTION_MODES:
+        raise SpecontextError(f"passkey question mode {passkey_question!r} is unknown; choose from {QUESTION_MODES}")
+    if passkey_keys < 1:
+        raise SpecontextError(f"passkey keys per depth {passkey_keys} must be a positive integer")
+    for budget in budgets:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise SpecontextError(f"budget {budget!r} must be a positive number of selected tokens")
 
 
 def _main_head(model, dlm):
