@@ -28,8 +28,8 @@ def overlap_for(model, tokenizer, hf_dir, context: int, budget: int, new_tokens:
     plan = compile_model(str(hf_dir), target="h100", max_len=context + new_tokens + 8, prompt_len=context,
                          budget=budget, recent_tokens=16, out=out)
     plan = load_plan(out)
-    last = plan.model["num_layers"] - 1
-    plan.segments = [Segment(0, plan.workload["max_len"], list(range(last)), [last], {})]
+    last = plan.model.num_layers - 1
+    plan.segments = [Segment(0, plan.workload.max_len, list(range(last)), [last], {})]
     engine = plan.bind(model, tokenizer=tokenizer)
     prompt = long_text_ids(tokenizer, context)
     engine.generate([prompt], max_new_tokens=new_tokens, stop_at_eos=False)

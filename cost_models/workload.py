@@ -6,7 +6,7 @@ whose pruned form keeps the embedding and the Q/K projections only.
 from dataclasses import dataclass
 
 from specontext_compiler.errors import SpecontextError
-from specontext_compiler.runtime.plan import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
+from specontext_compiler.runtime.plan_records import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 from specontext_compiler.sizes import parse_batch
 
 

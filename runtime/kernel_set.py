@@ -78,7 +78,7 @@ def kernels_for(device: torch.device, plan=None, dtype: torch.dtype | None = Non
         return KernelSet(reference=True)
     modules = None
     if plan is not None and plan.kernels and plan.directory is not None:
-        planned = plan.workload.get("dtype")
+        planned = plan.workload.dtype
         if dtype is not None and planned and DTYPES.get(planned) != dtype:
             warnings.warn(f"plan {plan.directory} has kernels specialized to {planned}; the engine runs in "
                           f"{str(dtype).removeprefix('torch.')}, so it uses the packaged generic kernels "

@@ -23,7 +23,7 @@ from specontext_compiler.runtime import selection
 from specontext_compiler.runtime.head_features import HeadFeatures
 from specontext_compiler.runtime.kernel_set import KernelSet
 from specontext_compiler.runtime.kv_store import KVLayout, KVStore
-from specontext_compiler.runtime.plan import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
+from specontext_compiler.runtime.plan_records import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 from specontext_compiler.runtime.prefetch import Prefetcher
 
 

@@ -10,15 +10,17 @@ import platform
 import re
 import time
 import warnings
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 from specontext_compiler import __version__
 from specontext_compiler.errors import SpecontextError
-from specontext_compiler.runtime.plan import (DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, SCHEMA_VERSION, Plan,
-                                              PrefetchSlot, Segment, check_plan_output, write_plan_dir)
+from specontext_compiler.runtime.plan import SCHEMA_VERSION, Plan, PrefetchSlot, check_plan_output, write_plan_dir
 from specontext_compiler.runtime.plan_integrity import plan_manifest
+from specontext_compiler.runtime.plan_records import (DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, GraphRecord,
+                                                      HeadRecord, KernelRecord, PassRecord, PlanModel, PlanWorkload)
 from specontext_compiler.sizes import parse_batch, parse_tokens
 
 Progress = Callable[[str, float], None]
@@ -70,38 +72,14 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     windows = models.layer_windows(source.config)
     solution = plan_residency(spec, workload, hw, batch=batch,
                               resident_layers=[i for i, w in enumerate(windows) if w])
-    offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
-
-    clock.stage("export")
-    captured = _capture(source.config)
-
-    clock.stage("passes")
-    from specontext_compiler.pipeline import run_pipeline
-    schedule = {layer: issue for layer, issue in solution.schedule}
-    graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, schedule,
-                                              feature_layers=head_info["feature_layers"],
-                                              window_layers=[i for i, w in enumerate(windows) if w])
-
-    clock.stage("codegen")
-    from specontext_compiler.codegen.emit_graph import emit_graph_source
-    from specontext_compiler.codegen.emit_kernels import emit_kernels
-    graph_source, graph_record = emit_graph_source(graph_module, captured.param_names)
-    files["decode_graph.py"] = graph_source
-    workload_fields = _workload_fields(workload, solution, level)
-    kernel_files, kernel_records = emit_kernels(spec.to_dict(), workload_fields)
-    files.update(kernel_files)
-
-    plan = Plan(
-        schema_version=list(SCHEMA_VERSION), producer=_producer(),
-        model={**spec.to_dict(), "layer_windows": windows, "config_sha256": models.config_sha256(source.config),
-               "source": str(source.path) if source.path else None, "preset": source.preset},
-        target=dict(vars(hw)),
-        workload=workload_fields, retrieval_head=head_info,
-        segments=[Segment(s.from_len, s.to_len, list(s.gpu_layers), list(s.offloaded_layers), dict(s.predicted))
-                  for s in solution.segments],
-        schedule=[PrefetchSlot(layer, issue) for layer, issue in solution.schedule],
-        prediction=_prediction(solution, spec, workload, hw), solver=dict(solution.solver),
-        graph=graph_record, kernels=kernel_records, passes=pass_records)
+    plan_workload = _plan_workload(workload, solution, level)
+    graph, kernels, passes = _program(clock, source.config, spec, solution, plan_workload, head_info,
+                                      windows, files)
+    plan = Plan(schema_version=list(SCHEMA_VERSION), producer=_producer(), model=_plan_model(spec, source, windows),
+                target=dict(vars(hw)), workload=plan_workload, retrieval_head=HeadRecord.from_dict(head_info),
+                segments=list(solution.segments), schedule=[PrefetchSlot(*slot) for slot in solution.schedule],
+                prediction=_prediction(solution, spec, workload, hw), solver=dict(solution.solver),
+                graph=graph, kernels=kernels, passes=passes)
 
     clock.stage("write")
     from specontext_compiler.report import render_report_markdown
@@ -146,9 +124,29 @@ def _default_prompt(max_len: int) -> int:
     return max(1, min(2048, max_len // 16))
 
 
-def _capture(config):
+def _program(clock: "_Clock", config, spec, solution, workload: PlanWorkload, head_info: dict, windows: list[int],
+             files: dict):
+    """Export, rewrite and emit the decode step: (graph, kernel and pass records); adds the files."""
     from specontext_compiler.capture import capture_decode_graph
-    return capture_decode_graph(config)
+    from specontext_compiler.codegen.emit_graph import emit_graph_source
+    from specontext_compiler.codegen.emit_kernels import emit_kernels
+    from specontext_compiler.pipeline import run_pipeline
+    clock.stage("export")
+    captured = capture_decode_graph(config)
+
+    clock.stage("passes")
+    offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
+    graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, dict(solution.schedule),
+                                              feature_layers=head_info["feature_layers"],
+                                              window_layers=[i for i, w in enumerate(windows) if w])
+
+    clock.stage("codegen")
+    graph_source, graph_record = emit_graph_source(graph_module, captured.param_names)
+    files["decode_graph.py"] = graph_source
+    kernel_files, kernel_records = emit_kernels(spec.to_dict(), asdict(workload))
+    files.update(kernel_files)
+    return (GraphRecord.from_dict(graph_record), [KernelRecord.from_dict(k) for k in kernel_records],
+            [PassRecord.from_dict(p) for p in pass_records])
 
 
 def _retrieval_head(dlm: str | None, source, model: str, level: str, max_len: int):
@@ -176,17 +174,22 @@ def _retrieval_head(dlm: str | None, source, model: str, level: str, max_len: in
     return {**report, "source": str(dlm), "file": HEAD_FILE}, {HEAD_FILE: head.to_bytes()}, shape
 
 
-def _workload_fields(workload, solution, level: str) -> dict:
-    return {"max_len": workload.max_len, "prompt_len": workload.prompt_len, "batch": solution.batch,
-            "budget": workload.budget, "sink_tokens": workload.sink_tokens,
-            "recent_tokens": workload.recent_tokens, "width": workload.window_tokens,
-            "selection_overlap": workload.selection_overlap, "level": level,
-            "dtype": "bfloat16"}
+def _plan_model(spec, source, windows: list[int]) -> PlanModel:
+    from specontext_compiler.models import config_sha256
+    return PlanModel(**spec.to_dict(), layer_windows=windows, config_sha256=config_sha256(source.config),
+                     source=str(source.path) if source.path else None, preset=source.preset)
+
+
+def _plan_workload(workload, solution, level: str) -> PlanWorkload:
+    return PlanWorkload(max_len=workload.max_len, prompt_len=workload.prompt_len, batch=solution.batch,
+                        budget=workload.budget, sink_tokens=workload.sink_tokens,
+                        recent_tokens=workload.recent_tokens, width=workload.window_tokens,
+                        selection_overlap=workload.selection_overlap, level=level, dtype="bfloat16")
 
 
 def _prediction(solution, spec, workload, hw) -> dict:
     """Summary, per-segment memory breakdown and one step's overlap timeline at max-len."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     from specontext_compiler.cost_models import memory
     from specontext_compiler.cost_models.latency import timeline

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from specontext_compiler.cli.app import app, edge, key_value_table, one_line_warnings, out_console, strict_json
-from specontext_compiler.runtime.plan import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
+from specontext_compiler.runtime.plan_records import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 from specontext_compiler.sizes import parse_batch, parse_tokens
 
 PROGRESS_DELAY_S = 1.0
@@ -70,12 +70,12 @@ def _compile_summary(plan: Any, stage_s: dict[str, float]) -> Table:
     rows = [("plan", str(plan.directory)),
             ("model / target", f"{summary['model']} on {summary['target']}"),
             ("workload", f"max len {format_tokens(int(summary['max_len']))} tokens, batch {summary['batch']}, "
-                         f"budget {plan.workload.get('budget')}"),
+                         f"budget {plan.workload.budget}"),
             ("GPU layers", f"{len(first.gpu_layers)}/{summary['num_layers']} at start, "
                            f"{len(last.gpu_layers)}/{summary['num_layers']} at max len "
                            f"({len(plan.segments)} segments)"),
             ("predicted", f"{tok_s:.1f} tok/s at max len (all {summary['batch']} requests, selection overlap "
-                          f"{plan.workload.get('selection_overlap')})" if tok_s else "-"),
+                          f"{plan.workload.selection_overlap})" if tok_s else "-"),
             ("solver", f"{plan.solver.get('name')}: {plan.solver.get('status')}"),
             ("compile time", f"{sum(stage_s.values()):.1f} s: " + ", ".join(
                 f"{name} {s:.1f} s" for name, s in stage_s.items() if s >= 0.05))]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from specontext_compiler.errors import SpecontextError
-from specontext_compiler.runtime.plan import DEFAULT_RECENT_TOKENS
+from specontext_compiler.runtime.plan_records import DEFAULT_RECENT_TOKENS
 
 RECENT_TOKENS = DEFAULT_RECENT_TOKENS   # the always-attended recent window the teacher leaves out
 QUERIES_PER_SEQUENCE = 256

@@ -17,7 +17,7 @@ from pathlib import Path
 from specontext_compiler.errors import SpecontextError
 from specontext_compiler.eval.methods import METHODS
 from specontext_compiler.eval.text import long_text_ids, python_version
-from specontext_compiler.runtime.plan import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
+from specontext_compiler.runtime.plan_records import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 
 TASKS = ("recall", "passkey")
 
@@ -145,17 +145,15 @@ def run_eval_for_plan(plan_dir, tasks=TASKS, **options) -> EvalResult:
     """run_eval on a compiled plan's model, with the plan's budget / sink / recent as the passkey budget."""
     from specontext_compiler.runtime.plan import load_plan
     plan = load_plan(plan_dir)
-    source = plan.model.get("source")
+    source = plan.model.source
     if not source:
         raise SpecontextError(f"plan {plan_dir} records no model.source; recompile it from a model directory or GGUF")
     workload = plan.workload
-    options.setdefault("sink", int(workload.get("sink_tokens", DEFAULT_SINK_TOKENS)))
-    options.setdefault("recent", int(workload.get("recent_tokens", DEFAULT_RECENT_TOKENS)))
-    if workload.get("budget"):
-        options.setdefault("passkey_budgets", (int(workload["budget"]),))
-    layer = plan.retrieval_head.get("layer")
-    head_file = plan.retrieval_head.get("file")
-    if layer is not None and str(plan.retrieval_head.get("source", "self")).startswith("self"):
+    options.setdefault("sink", workload.sink_tokens)
+    options.setdefault("recent", workload.recent_tokens)
+    options.setdefault("passkey_budgets", (workload.budget,))
+    layer, head_file = plan.retrieval_head.layer, plan.retrieval_head.file
+    if layer is not None and plan.retrieval_head.source.startswith("self"):
         options.setdefault("head_layer", int(layer))
     elif head_file and plan.directory is not None:     # a DLM's or a distilled head, stored in the plan
         options.setdefault("head", str(plan.directory / head_file))

@@ -21,10 +21,10 @@ def dense_plan(tmp_path_factory):
 
 def with_offload_at(plan, length, layers):
     """The same plan, but layers go to the host once the sequence reaches `length`."""
-    num = plan.model["num_layers"]
+    num = plan.model.num_layers
     keep = [i for i in range(num) if i not in layers]
     plan = dataclasses.replace(plan, segments=[Segment(0, length, list(range(num)), [], {}),
-                                               Segment(length, plan.workload["max_len"], keep, list(layers), {})])
+                                               Segment(length, plan.workload.max_len, keep, list(layers), {})])
     plan.directory = plan.directory
     return plan
 
@@ -127,9 +127,9 @@ def test_end_of_sequence_stops_each_request_at_its_own_token(tiny_model, dense_p
 
 def with_growth_at(plan, length):
     """The same plan, but every layer starts with room for `length` tokens and grows there."""
-    num = plan.model["num_layers"]
+    num = plan.model.num_layers
     plan = dataclasses.replace(plan, segments=[Segment(0, length, list(range(num)), [], {}),
-                                               Segment(length, plan.workload["max_len"], list(range(num)), [], {})])
+                                               Segment(length, plan.workload.max_len, list(range(num)), [], {})])
     return plan
 
 
@@ -184,5 +184,4 @@ def test_bind_refuses_a_batch_that_does_not_fit_and_names_the_largest_that_does(
 
 
 def _spec(plan):
-    from specontext_compiler.cost_models.model_spec import ModelSpec
-    return ModelSpec.from_dict(plan.model)
+    return plan.model          # a PlanModel is the plan's ModelSpec

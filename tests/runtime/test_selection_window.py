@@ -23,11 +23,11 @@ def test_a_plan_without_sinks_or_recent_binds_with_the_compile_defaults(tiny_mod
     out = tmp_path / "plan"
     compile_model("tiny-llama", target="h100", max_len=512, budget=64, out=out)
     compiled = load_plan(out).workload
-    assert (compiled["sink_tokens"], compiled["recent_tokens"]) == (1, 16)
+    assert (compiled.sink_tokens, compiled.recent_tokens) == (1, 16)
     _drop_workload_fields(out, "sink_tokens", "recent_tokens")
     plan = load_plan(out)
     engine = plan.bind(tiny_model, device="cpu")
     config = engine.ctx.config
     assert (config.sink_tokens, config.recent_tokens) == (1, 16)
-    assert config.width == compiled["width"] == 64 + 1 + 16
-    assert engine.ctx.store.layout.width == compiled["width"]
+    assert config.width == compiled.width == 64 + 1 + 16
+    assert engine.ctx.store.layout.width == compiled.width
