@@ -19,6 +19,7 @@ import torch
 
 from specontext_compiler.errors import ModelMismatchError, RequestError, RuntimeResourceError
 from specontext_compiler.runtime import context, weights
+from specontext_compiler.runtime.caller import caller_stacklevel
 from specontext_compiler.runtime.decode_step import DecodeStep
 from specontext_compiler.runtime.graph_loader import load_graph
 from specontext_compiler.runtime.memory_manager import MemoryManager
@@ -232,7 +233,7 @@ def _pick_device(device) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     warnings.warn("no CUDA GPU found: running the plan on the CPU reference path (slow, for testing)",
-                  stacklevel=3)
+                  stacklevel=caller_stacklevel())
     return torch.device("cpu")
 
 

@@ -58,10 +58,14 @@ STATE = {"debug": False}
 _EXTRAS = {"matplotlib": "specontext[plot]", "gguf": "specontext[gguf]", "accelerate": "specontext[gguf]",
            "fastapi": "specontext[serve]", "uvicorn": "specontext[serve]",
            "triton": "triton"}    # a dependency on Linux, where its wheels exist
+PIPED_WIDTH = 1000      # columns when stdout is not a terminal: wider than any table we print
 
 
 def out_console() -> Console:
-    return Console(highlight=False)
+    """stdout. Piped (no terminal, no COLUMNS), rich would assume 80 columns and cut table cells
+    ("retriev…"); a file or another program gets every table at its full width instead."""
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(highlight=False, width=PIPED_WIDTH if piped else None)
 
 
 def fail(message: str) -> None:

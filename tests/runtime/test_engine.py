@@ -185,3 +185,10 @@ def test_bind_refuses_a_batch_that_does_not_fit_and_names_the_largest_that_does(
 
 def _spec(plan):
     return plan.model          # a PlanModel is the plan's ModelSpec
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without a GPU")
+def test_the_cpu_warning_names_the_callers_line(tiny_model, dense_plan):
+    with pytest.warns(UserWarning, match="no CUDA GPU found") as caught:
+        dense_plan.bind(tiny_model)
+    assert [w.filename for w in caught if "no CUDA GPU" in str(w.message)] == [__file__]
