@@ -258,6 +258,11 @@ def _retrieval_head(plan, hf_model, dlm, device, dtype):
             "specontext_compiler.dlm.extract_retrieval_head (the CLI's --dlm does this)")
     elif info.file and dlm is None:
         head = RetrievalHead.load(plan.directory / info.file, device=device, dtype=dtype)
+    elif dlm is None and geometry["kind"] == "mla":
+        raise ModelMismatchError(
+            "the plan's head is derived at bind time from the LLM's own Q/K projections, which an MLA model "
+            "does not have; bind with dlm= a draft model's head (specontext_compiler.dlm.extract_retrieval_head) "
+            "or compile the plan with --dlm")
     else:
         head = head_extract.head_from_model(dlm if dlm is not None else hf_model, geometry,
                                             info.layer, level)

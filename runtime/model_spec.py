@@ -38,6 +38,7 @@ class ModelSpec:
     rope_theta: float = 10000.0
     kv_lora_rank: int = 0        # MLA only: width of the cached latent c
     qk_rope_head_dim: int = 0    # MLA only: width of the decoupled RoPE key
+    v_head_dim: int = 0          # MLA only: width of a head's value (0: head_dim, as in MHA/GQA)
 
     @property
     def gqa_group(self) -> int:

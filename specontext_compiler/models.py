@@ -154,7 +154,8 @@ def spec_from_config(config, name: str) -> ModelSpec:
         kv_elems_per_token=kv_elems, max_positions=config.max_position_embeddings,
         param_count=int(params), rope_theta=float(_rope_theta(config)),
         kv_lora_rank=int(getattr(config, "kv_lora_rank", 0) or 0) if kind == "mla" else 0,
-        qk_rope_head_dim=int(getattr(config, "qk_rope_head_dim", 0) or 0) if kind == "mla" else 0)
+        qk_rope_head_dim=int(getattr(config, "qk_rope_head_dim", 0) or 0) if kind == "mla" else 0,
+        v_head_dim=int(getattr(config, "v_head_dim", 0) or 0) if kind == "mla" else 0)
 
 
 def _rope_theta(config) -> float:
