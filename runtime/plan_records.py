@@ -24,22 +24,27 @@ def _known(cls, data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in names}
 
 
+class _FromJson:
+    """from_dict for a record whose JSON object holds its fields by name."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return cls(**_known(cls, data))
+
+
 @dataclass(frozen=True)
 class PlanModel(ModelSpec):
-    """The model a plan is for: its ModelSpec plus what bind checks the weights against."""
+    """The model a plan is for: its ModelSpec plus what bind checks the weights against
+    (ModelSpec.from_dict reads it)."""
 
     layer_windows: list[int] = field(default_factory=list)   # per layer: sliding window (0: global)
     config_sha256: str = ""
     source: str | None = None       # the directory or GGUF file compiled from; None for a preset
     preset: str | None = None
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PlanModel":
-        return cls(**_known(cls, data))
-
 
 @dataclass(frozen=True)
-class PlanWorkload:
+class PlanWorkload(_FromJson):
     """What the plan serves: lengths, batch, selection budget and window, level and dtype."""
 
     max_len: int
@@ -57,10 +62,6 @@ class PlanWorkload:
         if self.width is None and all(isinstance(v, int) for v in (self.budget, self.sink_tokens,
                                                                     self.recent_tokens)):
             object.__setattr__(self, "width", self.budget + self.sink_tokens + self.recent_tokens)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PlanWorkload":
-        return cls(**_known(cls, data))
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class HeadRecord:
 
 
 @dataclass(frozen=True)
-class GraphRecord:
+class GraphRecord(_FromJson):
     """The rewritten decode-step graph: its file, digest and the parameter each placeholder binds."""
 
     file: str
@@ -96,23 +97,15 @@ class GraphRecord:
     op_counts: dict[str, int] = field(default_factory=dict)
     nodes: int | None = None
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GraphRecord":
-        return cls(**_known(cls, data))
-
 
 @dataclass(frozen=True)
-class KernelRecord:
+class KernelRecord(_FromJson):
     """One specialized kernel file of the plan and the constants it was specialized to."""
 
     family: str
     file: str
     sha256: str
     constexprs: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "KernelRecord":
-        return cls(**_known(cls, data))
 
 
 @dataclass(frozen=True)
