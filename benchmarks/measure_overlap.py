@@ -10,7 +10,6 @@ Runs on the CPU reference path or a GPU, whichever the engine picks.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 from pathlib import Path

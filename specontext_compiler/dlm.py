@@ -17,7 +17,6 @@ act on the normalized embedding: an approximation, flagged in the report.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any

@@ -1,6 +1,5 @@
 """run_eval_for_plan reads the plan; tables render; the real model (slow) gives sane numbers."""
 import dataclasses
-import json
 
 import pytest
 

@@ -1,10 +1,9 @@
 """The engine end to end on CPU: compile a plan for a tiny model, bind random weights, generate."""
 import dataclasses
-import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from specontext_compiler import compile_model, load_plan
 from specontext_compiler.errors import ModelMismatchError, RequestError, RuntimeResourceError

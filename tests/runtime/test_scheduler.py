@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from specontext_compiler import compile_model, load_plan
-from specontext_compiler.models import load_preset_config
 from specontext_compiler.runtime.plan import Segment
 from specontext_compiler.runtime.sampling_params import SamplingParams
 
