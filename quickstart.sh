@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment (first run only) and run specontext's main job or its tests.
-#   ./quickstart.sh          compile the built-in default (Llama-3.1-8B for an A100, 128k) and inspect it
+#   ./quickstart.sh          compile Llama-3.1-8B for a 24 GB RTX 4090 at 128k (its KV does not fit:
+#                            layers go to host memory as the sequence grows) and inspect the plan
 #   ./quickstart.sh test     run the test suite (CPU; Triton kernels under its interpreter)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,8 +29,8 @@ setup() {
 setup
 case "${1:-main}" in
   main)
-    "$VENV/bin/specontext" compile llama-3.1-8b --target a100 --max-len 128k -o plans/llama8b-a100
-    "$VENV/bin/specontext" inspect plans/llama8b-a100
+    "$VENV/bin/specontext" compile llama-3.1-8b --target rtx4090 --max-len 128k -o plans/llama8b-rtx4090
+    "$VENV/bin/specontext" inspect plans/llama8b-rtx4090
     ;;
   test)
     shift || true

@@ -25,7 +25,7 @@ def main() -> None:
                              progress=lambda stage, seconds: marks.append((stage, seconds)))
     total = time.perf_counter() - start
     print(f"\n{args.model} for {args.target}, max-len {args.max_len}, batch {args.batch}: "
-          f"plan batch {plan.workload['batch']}, solver {plan.solver.get('status')} "
+          f"plan batch {plan.workload.batch}, solver {plan.solver.get('status')} "
           f"in {plan.solver.get('time_s', 0):.2f} s")
     print("| stage | seconds |\n|---|---|")
     for (stage, begin), (_, end) in zip(marks, marks[1:]):

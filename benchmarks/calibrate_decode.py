@@ -39,7 +39,7 @@ def predict(row, target) -> float:
     name, context, batch, overlap, _, _ = row
     plan = load_plan(f"{PLANS}/{name}")
     plan.target = asdict(target)
-    plan.workload = {**plan.workload, "batch": batch}
+    plan.workload = replace(plan.workload, batch=batch)
     return predicted_step(plan, context, overlap).step_ms
 
 
@@ -49,7 +49,7 @@ def fit(base):
     def fixed_for(efficiency):
         light = FIT[1]
         t0 = replace(base, decode_hbm_efficiency=efficiency, layer_fixed_us=0.0)
-        layers = load_plan(f"{PLANS}/{light[0]}").model["num_layers"]
+        layers = load_plan(f"{PLANS}/{light[0]}").model.num_layers
         return max(0.0, (light[4] - predict(light, t0)) / layers * 1e3)
 
     def heavy_error(efficiency):

@@ -11,6 +11,7 @@ import torch
 from specontext_compiler.codegen.emit_kernels import emit_kernels
 from specontext_compiler.runtime.kernel_loader import load_plan_kernels
 from specontext_compiler.runtime.kernels import sparse_decode as template
+from specontext_compiler.runtime.plan_records import KernelRecord
 
 SPEC = {"name": "tiny-gqa", "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "attention_kind": "gqa",
         "kv_lora_rank": 0, "qk_rope_head_dim": 0}
@@ -23,7 +24,7 @@ def main() -> None:
     for rel, source in files.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_text(source)
-    kernels = load_plan_kernels(folder, records)
+    kernels = load_plan_kernels(folder, [KernelRecord.from_dict(r) for r in records])
     cuda = torch.device("cuda")
     batch, n_rows = 2, 25
     q = torch.randn(batch, 4, 16, device=cuda)

@@ -38,7 +38,7 @@ def plan_step(directory: str, context: int, batch: int | None):
     from specontext_compiler.runtime.plan import load_plan
     plan = load_plan(directory)
     if batch:
-        plan.workload = {**plan.workload, "batch": batch}
+        plan.workload = replace(plan.workload, batch=batch)
 
     def breakdown(target, overlap):
         plan.target = asdict(target)

@@ -10,7 +10,6 @@ Runs on the CPU reference path or a GPU, whichever the engine picks.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -28,8 +27,8 @@ def overlap_for(model, tokenizer, hf_dir, context: int, budget: int, new_tokens:
     plan = compile_model(str(hf_dir), target="h100", max_len=context + new_tokens + 8, prompt_len=context,
                          budget=budget, recent_tokens=16, out=out, dlm="self:0")
     plan = load_plan(out)
-    last = plan.model["num_layers"] - 1
-    plan.segments = [Segment(0, plan.workload["max_len"], list(range(last)), [last], {})]
+    last = plan.model.num_layers - 1
+    plan.segments = [Segment(0, plan.workload.max_len, list(range(last)), [last], {})]
     engine = plan.bind(model, tokenizer=tokenizer)
     prompt = long_text_ids(tokenizer, context)
     engine.generate([prompt], max_new_tokens=new_tokens, stop_at_eos=False)

@@ -113,7 +113,7 @@ def kernels_between(trace_path: Path, window: str) -> list[dict]:
             for e in kernels if lo <= (e["ts"] - origin) / 1e3 <= hi]
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default="benchmarks/plans/sparse-130560")
     parser.add_argument("--context", type=int, default=130560)
@@ -135,6 +135,31 @@ def main() -> None:
         except ValueError as exc:
             print(f"profile_step.py: --overlap: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+    return args
+
+
+def _profiled(step, replays: int, out: Path, tag: str) -> dict:
+    """Summary of `replays` profiled steps, with one more step's CUDA timeline."""
+    trace = out / f"trace-{tag}.json"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(trace))
+    summary = summarize(trace, replays)
+    one_step = out / f"trace-{tag}-one-step.json"
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(one_step))
+    summary["timeline"] = timeline(one_step)
+    return summary
+
+
+def main() -> None:
+    args = _arguments()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -172,23 +197,9 @@ def main() -> None:
     grid_tag = args.gather_grids.replace(",", "_") if args.gather_grids else gather.PROGRAMS
     tag = (f"{Path(args.plan).name}{'-eager' if args.eager else ''}-g{grid_tag}"
            f"{'' if args.overlap is None else f'-o{args.overlap}'}")
-    trace = out / f"trace-{tag}.json"
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.replays):
-            step()
-        torch.cuda.synchronize()
-    prof.export_chrome_trace(str(trace))
-    summary = summarize(trace, args.replays)
-    one_step = out / f"trace-{tag}-one-step.json"
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    prof.export_chrome_trace(str(one_step))
-    summary["timeline"] = timeline(one_step)
+    summary = _profiled(step, args.replays, out, tag)
     if args.list_kernels:
-        summary["kernels_window"] = kernels_between(one_step, args.list_kernels)
+        summary["kernels_window"] = kernels_between(out / f"trace-{tag}-one-step.json", args.list_kernels)
     stats = engine.stats()
     model_step = predicted_step(engine.plan, args.context, stats["selection_overlap"])
     summary.update({"plan": args.plan, "context": args.context, "batch": engine.slots, "eager": args.eager,

@@ -37,20 +37,11 @@ from specontext_compiler.cost_models.feasibility import infeasibility_message, m
 from specontext_compiler.cost_models.model_spec import ModelSpec
 from specontext_compiler.cost_models.target import Target
 from specontext_compiler.cost_models.workload import Workload
-from specontext_compiler.errors import InfeasiblePlanError, SpecontextError
+from specontext_compiler.errors import InfeasiblePlanError
+from specontext_compiler.runtime.plan import Segment     # the plan's record; predicted: see _predict_segment
+from specontext_compiler.sizes import parse_batch
 
 NUM_SEGMENTS = 8
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A length range [from_len, to_len) with one residency; predicted: see _predict_segment."""
-
-    from_len: int
-    to_len: int
-    gpu_layers: tuple[int, ...]
-    offloaded_layers: tuple[int, ...]
-    predicted: dict
 
 
 @dataclass(frozen=True)
@@ -165,8 +156,8 @@ def _solution(spec, workload, target, bounds, on_gpu, stats) -> Solution:
     """Read the residency, evaluate every segment with the float functions, assemble a Solution."""
     segments, total_s = [], 0.0
     for s, seg in enumerate(bounds):
-        gpu = tuple(j for j, v in enumerate(on_gpu[s]) if lp.value(v) > 0.5)
-        off = tuple(j for j in range(spec.num_layers) if j not in gpu)
+        gpu = [j for j, v in enumerate(on_gpu[s]) if lp.value(v) > 0.5]
+        off = [j for j in range(spec.num_layers) if j not in gpu]
         predicted = _predict_segment(spec, workload, target, seg, off)
         total_s += (seg[1] - seg[0]) * predicted["step_ms"] / 1e3
         segments.append(Segment(seg[0], seg[1], gpu, off, predicted))
@@ -187,9 +178,8 @@ def plan_residency(spec: ModelSpec, workload: Workload, target: Target, batch: i
     the best power of two's neighbours; keep the highest predicted tokens/s (all of them listed
     in Solution.batch_search). resident_layers stay on the GPU in every segment.
     """
+    batch = parse_batch(batch)
     if batch != "auto":
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise SpecontextError(f"--batch {batch!r} must be a positive integer or 'auto'")
         return _solve_batch(spec, replace(workload, batch=batch), target, time_limit_s, symmetry_breaking,
                             resident_layers)
     largest = max_feasible_batch(spec, workload, target)

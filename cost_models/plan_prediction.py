@@ -7,10 +7,9 @@ recomputes the prediction (the step DAG's critical path, latency.py) for the pla
 and schedule at the measured overlap, and `specontext inspect --selection-overlap F` shows a whole
 plan re-priced that way. Imports no solver: it runs on the GPU machine, where PuLP is absent.
 """
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 
 from specontext_compiler.cost_models.latency import StepBreakdown, step_time, timeline
-from specontext_compiler.cost_models.model_spec import ModelSpec
 from specontext_compiler.cost_models.target import _target_from_dict
 from specontext_compiler.cost_models.workload import Workload
 from specontext_compiler.errors import SpecontextError
@@ -22,10 +21,12 @@ _STEP_KEYS = ("step_ms", "tokens_per_s", "h2d_bytes_per_step", "hbm_bytes_per_st
 
 def _model_inputs(plan, selection_overlap: float | None):
     """(spec, workload, target, issue_before) of a plan, at another overlap if given."""
-    spec = ModelSpec.from_dict(plan.model)
+    spec = plan.model
     target = _target_from_dict(dict(plan.target), "plan target")
-    known = {f.name for f in fields(Workload)} - {"head"}
-    workload = Workload(**{k: v for k, v in plan.workload.items() if k in known})
+    work = plan.workload
+    workload = Workload(max_len=work.max_len, prompt_len=work.prompt_len, batch=work.batch, budget=work.budget,
+                        sink_tokens=work.sink_tokens, recent_tokens=work.recent_tokens,
+                        selection_overlap=work.selection_overlap)
     if selection_overlap is not None:
         if not 0.0 <= selection_overlap <= 1.0:
             raise SpecontextError(f"--selection-overlap {selection_overlap} must lie in [0, 1] (a fraction of rows)")
@@ -51,12 +52,12 @@ def repriced(plan, selection_overlap: float):
         segments.append(replace(seg, predicted={**seg.predicted, **{k: step[k] for k in _STEP_KEYS}}))
         decode_s += (seg.to_len - seg.from_len) * step["step_ms"] / 1e3
     last = segments[-1]
-    seq_len = plan.prediction.get("timeline_seq_len", last.to_len)
+    seq_len = last.to_len
     events = timeline(spec, workload, target, seq_len, last.offloaded_layers, issue_before)
     prediction = {**plan.prediction, "timeline": [asdict(e) for e in events],
                   "step_ms_at_max_len": last.predicted["step_ms"],
                   "tokens_per_s_at_max_len": last.predicted["tokens_per_s"]}
     if "decode_s" in prediction:
         prediction.update(decode_s=decode_s, tokens_per_s=workload.batch * workload.generated_tokens / decode_s)
-    return replace(plan, workload={**plan.workload, "selection_overlap": selection_overlap},
+    return replace(plan, workload=replace(plan.workload, selection_overlap=selection_overlap),
                    segments=segments, prediction=prediction)

@@ -6,6 +6,8 @@ whose pruned form keeps the embedding and the Q/K projections only.
 from dataclasses import dataclass
 
 from specontext_compiler.errors import SpecontextError
+from specontext_compiler.runtime.plan_records import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
+from specontext_compiler.sizes import parse_batch
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,8 @@ class Workload:
     prompt_len: int
     batch: int = 1
     budget: int = 2048
-    sink_tokens: int = 1
-    recent_tokens: int = 16
+    sink_tokens: int = DEFAULT_SINK_TOKENS
+    recent_tokens: int = DEFAULT_RECENT_TOKENS
     selection_overlap: float = 0.8
     head: RetrievalHead | None = None
 
@@ -64,8 +66,8 @@ class Workload:
             raise SpecontextError(
                 f"--max-len {self.max_len} must exceed the prompt length {self.prompt_len} (> 0); "
                 "raise --max-len or shorten --prompt-len")
-        if self.batch < 1:
-            raise SpecontextError(f"--batch {self.batch} must be at least 1")
+        if parse_batch(self.batch) == "auto":
+            raise SpecontextError("Workload.batch is a request count; 'auto' is plan_residency's to resolve")
         if self.budget < 1 or self.sink_tokens < 0 or self.recent_tokens < 0:
             raise SpecontextError(
                 f"--budget {self.budget}, sinks {self.sink_tokens}, recent {self.recent_tokens}: "

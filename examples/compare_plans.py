@@ -29,8 +29,8 @@ def main() -> None:
                 plan = specontext_compiler.compile(model, target, max_len, batch="auto",
                                                    out=Path(scratch) / f"{model}-{target}")
                 last = plan.segments[-1]
-                table.add_row(model, plan.target["name"], max_len, str(plan.workload["batch"]),
-                              f"{len(last.gpu_layers)}/{plan.model['num_layers']}",
+                table.add_row(model, plan.target["name"], max_len, str(plan.workload.batch),
+                              f"{len(last.gpu_layers)}/{plan.model.num_layers}",
                               f"{last.predicted['step_ms']:.2f}", f"{last.predicted['tokens_per_s']:.0f}")
     Console().print(table)
 

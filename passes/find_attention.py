@@ -21,6 +21,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from specontext_compiler.passes.common import (LINEAR_OPS, META_KEY, AttentionSite, PassError, is_call,
                                                layer_of_path, module_paths, nodes_of, placeholder_name)
+from specontext_compiler.runtime.model_spec import attention_kind
 
 _ROTATION_OPS = (torch.ops.aten.cos.default, torch.ops.aten.sin.default,
                  torch.ops.aten.view_as_complex.default, torch.ops.aten.polar.default)
@@ -60,12 +61,9 @@ def _rotation(q: Node) -> tuple[bool, str | None]:
 
 
 def classify(num_heads: int, num_kv_heads: int, head_dim: int, v_head_dim: int) -> str:
-    """mha / gqa / mqa / mla from the shapes the attention op sees."""
-    if num_kv_heads == num_heads and v_head_dim != head_dim:
-        return "mla"
-    if num_kv_heads == num_heads:
-        return "mha"
-    return "mqa" if num_kv_heads == 1 else "gqa"
+    """mha / gqa / mqa / mla from the shapes the attention op sees (the module docstring says how)."""
+    latent = num_kv_heads == num_heads and v_head_dim != head_dim
+    return attention_kind(num_heads, num_kv_heads, latent=latent)
 
 
 def _site(node: Node) -> AttentionSite:

@@ -19,6 +19,7 @@ import torch
 
 from specontext_compiler.errors import ModelMismatchError, RequestError, RuntimeResourceError
 from specontext_compiler.runtime import context, weights
+from specontext_compiler.runtime.caller import caller_stacklevel
 from specontext_compiler.runtime.decode_step import DecodeStep
 from specontext_compiler.runtime.graph_loader import load_graph
 from specontext_compiler.runtime.memory_manager import MemoryManager
@@ -48,7 +49,7 @@ class Engine:
         self.plan, self.model, self.tokenizer = plan, model, tokenizer
         self.graph_fn, self.params, self.ctx = graph_fn, params, ctx
         self.device, self.dtype = device, dtype
-        self.max_len = int(plan.workload["max_len"])
+        self.max_len = plan.workload.max_len
         self.slots = ctx.store.layout.slots
         self.memory = MemoryManager(plan, ctx)
         # A sliding-window layer's dense attention reads each request's length on the host, which a
@@ -62,7 +63,7 @@ class Engine:
         self._token_event = torch.cuda.Event() if on_gpu else None
         # Prompt tokens per prefill forward: the plan's memory model sized it to the memory the
         # plan leaves free (cost_models/memory.py); plans compiled before it say nothing: 256.
-        self.prefill_chunk = int(plan.workload.get("prefill_chunk_tokens") or DEFAULT_PREFILL_CHUNK)
+        self.prefill_chunk = int(plan.workload.prefill_chunk_tokens or DEFAULT_PREFILL_CHUNK)
         self.vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
         self._scheduler = None
         self._mask_key, self._mask = None, None
@@ -76,8 +77,8 @@ class Engine:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         hf_model = weights.load_hf_model(model, dtype, device)
         weights.check_model_matches(plan.model, hf_model.config)
-        graph_fn = load_graph(plan.directory / plan.graph["file"], plan.graph)
-        params = weights.graph_params(hf_model, plan.graph["inputs"])
+        graph_fn = load_graph(plan.directory / plan.graph.file, plan.graph)
+        params = weights.graph_params(hf_model, plan.graph.inputs)
         head = _retrieval_head(plan, hf_model, dlm, device, dtype)
         ctx = _build_context(plan, head, batch, device, dtype)
         tokenizer = tokenizer or _tokenizer_for(model)
@@ -102,7 +103,7 @@ class Engine:
         joining as soon as one frees. stream(request index, token id) sees every kept token; with a
         seed, request i samples with seed + i."""
         validate_requests(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          vocab_size=self.plan.model.get("vocab_size"), seed=seed, stream=stream)
+                          vocab_size=self.plan.model.vocab_size, seed=seed, stream=stream)
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  seed=None if seed is None else seed + i, stop=tuple(stop),
                                  ignore_eos=not stop_at_eos) for i in range(len(prompts))]
@@ -237,7 +238,7 @@ def _pick_device(device) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     warnings.warn("no CUDA GPU found: running the plan on the CPU reference path (slow, for testing)",
-                  stacklevel=3)
+                  stacklevel=caller_stacklevel())
     return torch.device("cpu")
 
 
@@ -246,8 +247,8 @@ def _retrieval_head(plan, hf_model, dlm, device, dtype):
     plan's head file, else one derived from the bound LLM at the plan's layer."""
     from specontext_compiler.runtime import head_extract
     from specontext_compiler.runtime.retrieval_head import RetrievalHead
-    info = plan.retrieval_head or {}
-    level = plan.workload.get("level", "head")
+    info = plan.retrieval_head
+    level = plan.workload.level
     geometry = head_extract.llm_geometry(hf_model.config)
     if isinstance(dlm, RetrievalHead):
         head = head_extract.fit_to_llm(dlm, geometry, level)
@@ -260,11 +261,16 @@ def _retrieval_head(plan, hf_model, dlm, device, dtype):
             f"bind(dlm={dlm!r}) takes a RetrievalHead, a retrieval-head .safetensors file or an HF model in "
             "memory; extract a head from a checkpoint directory or GGUF file with "
             "specontext_compiler.dlm.extract_retrieval_head (the CLI's --dlm does this)")
-    elif info.get("file") and dlm is None:
-        head = RetrievalHead.load(plan.directory / info["file"], device=device, dtype=dtype)
+    elif info.file and dlm is None:
+        head = RetrievalHead.load(plan.directory / info.file, device=device, dtype=dtype)
+    elif dlm is None and geometry["kind"] == "mla":
+        raise ModelMismatchError(
+            "the plan's head is derived at bind time from the LLM's own Q/K projections, which an MLA model "
+            "does not have; bind with dlm= a draft model's head (specontext_compiler.dlm.extract_retrieval_head) "
+            "or compile the plan with --dlm")
     else:
         head = head_extract.head_from_model(dlm if dlm is not None else hf_model, geometry,
-                                            info.get("layer"), level)
+                                            info.layer, level)
     if head.embedding is None:         # a head that shares the LLM's table: the bound weights
         head.attach_embedding(hf_model.get_input_embeddings().weight)
     _check_feature_layers(info, head)
@@ -275,9 +281,9 @@ def _is_head_file(dlm) -> bool:
     return isinstance(dlm, (str, os.PathLike)) and str(dlm).endswith(".safetensors")
 
 
-def _check_feature_layers(info: dict, head) -> None:
+def _check_feature_layers(info, head) -> None:
     """The graph taps the hidden states a fused head reads (plan) and the bound head reads those."""
-    tapped = tuple(int(i) for i in info.get("feature_layers") or ())
+    tapped = tuple(info.feature_layers)
     if tapped != head.feature_layers:
         raise ModelMismatchError(
             f"the plan's graph taps the LLM's hidden states entering layers {list(tapped)}, the retrieval "
@@ -286,29 +292,25 @@ def _check_feature_layers(info: dict, head) -> None:
 
 
 def _build_context(plan, head, batch, device, dtype) -> StepContext:
-    from specontext_compiler.runtime.model_spec import ModelSpec
     from specontext_compiler.runtime.kernel_set import kernels_for
     from specontext_compiler.runtime import memory_check, selection
-    spec = ModelSpec.from_dict(plan.model)
-    work = plan.workload
-    slots = batch or int(work["batch"])
+    spec, work = plan.model, plan.workload
+    slots = batch or work.batch
     first = plan.segment_for(1)
-    width = selection.selection_width(int(work["budget"]), int(work.get("sink_tokens", 1)),
-                                      int(work.get("recent_tokens", 0)))
-    groups = selection.selection_groups(spec.num_heads, spec.num_kv_heads, work.get("level", "head"))
+    width = selection.selection_width(work.budget, work.sink_tokens, work.recent_tokens)
+    groups = selection.selection_groups(spec.num_heads, spec.num_kv_heads, work.level)
     memory_check.check_fits(slots, memory_check.slot_bytes(plan, spec, width, groups, head, dtype), device)
     try:
         return StepContext.for_model(
-            spec, slots, int(work["max_len"]), int(work["budget"]), int(work.get("sink_tokens", 1)),
-            int(work.get("recent_tokens", 0)), head=head, offloaded_layers=first.offloaded_layers,
-            capacity=min(first.to_len, int(work["max_len"])),
-            device=device, dtype=dtype, level=work.get("level", "head"), kernels=kernels_for(device, plan, dtype),
-            windows=plan.model.get("layer_windows") or ())
+            spec, slots, work.max_len, work.budget, work.sink_tokens, work.recent_tokens, head=head,
+            offloaded_layers=first.offloaded_layers, capacity=min(first.to_len, work.max_len),
+            device=device, dtype=dtype, level=work.level, kernels=kernels_for(device, plan, dtype),
+            windows=plan.model.layer_windows)
     except torch.cuda.OutOfMemoryError:
         in_use_gb = torch.cuda.memory_allocated(device) / 1e9
         raise RuntimeResourceError(f"out of GPU memory allocating the KV store for batch {slots} "
                                    f"({in_use_gb:.1f} GB already in use), "
-                                   f"max-len {work['max_len']}; bind with a smaller batch= or compile "
+                                   f"max-len {work.max_len}; bind with a smaller batch= or compile "
                                    "for a smaller --max-len") from None
     except RuntimeError as exc:
         if "pin" in str(exc).lower() or "alloc" in str(exc).lower():

@@ -15,22 +15,22 @@ from specontext_compiler.errors import PlanError
 from specontext_compiler.runtime.plan_integrity import spec_for_verified_source
 
 
-def load_graph(path: str | Path, record: dict) -> Callable:
+def load_graph(path: str | Path, record) -> Callable:
     """forward(params: list[Tensor], input_ids [B,T], position_ids [B,T]) -> logits [B,1,vocab] (the
     last token's; [B,T,vocab] from plans compiled before the capture kept only it)."""
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"the plan's decode graph {path} is missing; recompile the plan with `specontext compile`")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != record.get("sha256"):      # a blank or missing digest is refused too
+    if digest != record.sha256:      # a blank digest is refused too
         raise PlanError(f"{path.name} does not match plan.json (sha256 {digest[:12]} != "
-                        f"{str(record.get('sha256'))[:12]}); the file was changed: recompile the plan")
+                        f"{str(record.sha256)[:12]}); the file was changed: recompile the plan")
     module_name = f"specontext_decode_graph_{digest[:16]}"
     spec = spec_for_verified_source(module_name, path, digest)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    expected = sum(1 for i in record.get("inputs", ()) if i.get("kind") in ("parameter", "buffer", "constant"))
-    if record.get("inputs") and expected != module.NUM_PARAMS:
+    expected = sum(1 for i in record.inputs if i.get("kind") in ("parameter", "buffer", "constant"))
+    if record.inputs and expected != module.NUM_PARAMS:
         raise PlanError(f"{path.name} takes {module.NUM_PARAMS} weight tensors but plan.json lists {expected}; "
                         "recompile the plan")
     return module.forward

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from specontext_compiler.errors import ModelError, SpecontextError
+from specontext_compiler.runtime.model_spec import attention_kind
 from specontext_compiler.runtime.retrieval_head import RetrievalHead
 
 EMBED = "model.embed_tokens.weight"
@@ -68,7 +69,7 @@ def llm_geometry(llm: Any) -> dict:
     config = config_dict(llm)
     heads = int(config["num_attention_heads"])
     kv = int(config.get("num_key_value_heads") or heads)
-    kind = "mla" if config.get("kv_lora_rank") else "mha" if kv == heads else "mqa" if kv == 1 else "gqa"
+    kind = attention_kind(heads, kv, latent=bool(config.get("kv_lora_rank")))
     return {"num_heads": heads, "num_kv_heads": kv, "kind": kind,
             "max_positions": int(config.get("max_position_embeddings", 2048)),
             "hidden_size": config.get("hidden_size"), "vocab_size": config.get("vocab_size"),

@@ -15,18 +15,18 @@ from specontext_compiler.errors import PlanError
 from specontext_compiler.runtime.plan_integrity import spec_for_verified_source
 
 
-def load_plan_kernels(plan_dir, records: list[dict]) -> dict[str, ModuleType]:
-    """{family: module} for the plan's kernel records [{family, file, sha256, ...}]."""
+def load_plan_kernels(plan_dir, records) -> dict[str, ModuleType]:
+    """{family: module} for the plan's kernel records (plan_records.KernelRecord)."""
     modules = {}
     for record in records:
-        path = Path(plan_dir) / record["file"]
+        path = Path(plan_dir) / record.file
         if not path.is_file():
-            raise PlanError(f"plan kernel {record['file']} is missing from {plan_dir}; recompile the plan")
+            raise PlanError(f"plan kernel {record.file} is missing from {plan_dir}; recompile the plan")
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != record["sha256"]:
-            raise PlanError(f"plan kernel {record['file']} does not match the sha256 in plan.json "
+        if digest != record.sha256:
+            raise PlanError(f"plan kernel {record.file} does not match the sha256 in plan.json "
                             f"(edited or corrupted); recompile the plan")
-        modules[record["family"]] = _import(path, f"specontext_plan_kernels.{record['family']}_{digest[:16]}", digest)
+        modules[record.family] = _import(path, f"specontext_plan_kernels.{record.family}_{digest[:16]}", digest)
     return modules
 
 

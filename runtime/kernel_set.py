@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from specontext_compiler.runtime.caller import caller_stacklevel
 from specontext_compiler.runtime.kernels._common import DTYPES
 
 FAMILIES = ("retrieval_scores", "sparse_decode", "elastic_load", "kv_append")
@@ -78,11 +79,11 @@ def kernels_for(device: torch.device, plan=None, dtype: torch.dtype | None = Non
         return KernelSet(reference=True)
     modules = None
     if plan is not None and plan.kernels and plan.directory is not None:
-        planned = plan.workload.get("dtype")
+        planned = plan.workload.dtype
         if dtype is not None and planned and DTYPES.get(planned) != dtype:
             warnings.warn(f"plan {plan.directory} has kernels specialized to {planned}; the engine runs in "
                           f"{str(dtype).removeprefix('torch.')}, so it uses the packaged generic kernels "
-                          "(bind with its dtype to use the plan's)", stacklevel=3)
+                          "(bind with its dtype to use the plan's)", stacklevel=caller_stacklevel())
             return KernelSet()
         from specontext_compiler.runtime.kernel_loader import load_plan_kernels
         modules = load_plan_kernels(plan.directory, plan.kernels)

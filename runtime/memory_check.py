@@ -36,7 +36,7 @@ class SlotBytes:
 def slot_bytes(plan, spec, width: int, groups: int, head, dtype: torch.dtype) -> SlotBytes:
     """Bytes per slot on the device (max over segments) and in host memory (the last segment)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    max_len = int(plan.workload["max_len"])
+    max_len = plan.workload.max_len
     v_dim = getattr(spec, "v_head_dim", 0) or spec.head_dim
     per_token = spec.num_kv_heads * (spec.head_dim + v_dim) * elem     # one layer, K + V
     fixed = groups * width * 4                                          # slot table (int32)

@@ -8,6 +8,15 @@ from dataclasses import asdict, dataclass, fields
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
 
 
+def attention_kind(num_heads: int, num_kv_heads: int, *, latent: bool = False) -> str:
+    """One of ATTENTION_KINDS: mla when the cache holds a compressed latent, else by head counts."""
+    if latent:
+        return "mla"
+    if num_kv_heads == num_heads:
+        return "mha"
+    return "mqa" if num_kv_heads == 1 else "gqa"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Shape of a decoder-only LLM as the planner sees it."""
@@ -29,6 +38,7 @@ class ModelSpec:
     rope_theta: float = 10000.0
     kv_lora_rank: int = 0        # MLA only: width of the cached latent c
     qk_rope_head_dim: int = 0    # MLA only: width of the decoupled RoPE key
+    v_head_dim: int = 0          # MLA only: width of a head's value (0: head_dim, as in MHA/GQA)
 
     @property
     def gqa_group(self) -> int:

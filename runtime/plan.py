@@ -1,8 +1,9 @@
 """The plan: the contract between the compiler and the runtime (a directory, plan.json inside).
 
-The schema is defined once, here, as plain dataclasses serialized with stdlib json, so the
-runtime reads it without the compiler's dependencies. SCHEMA_VERSION is (major, minor): a newer
-major is refused with a message naming both versions; an older minor is read with defaults.
+The schema is defined once, here and in plan_records.py, as plain dataclasses serialized with
+stdlib json, so the runtime reads it without the compiler's dependencies; `Plan.from_dict` builds
+every record once, at load. SCHEMA_VERSION is (major, minor): a newer major is refused with a
+message naming both versions; an older minor is read with the records' defaults.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from specontext_compiler.errors import PlanError
 from specontext_compiler.runtime.atomic_dir import DirectoryInUse, check_replaceable, nearest_existing, publish_dir
 from specontext_compiler.runtime.plan_checks import check_plan, check_plan_data
 from specontext_compiler.runtime.plan_integrity import verify_plan_files
+from specontext_compiler.runtime.plan_records import (GraphRecord, HeadRecord, KernelRecord, PassRecord, PlanModel,
+                                                      PlanWorkload)
 
 SCHEMA_VERSION = (1, 0)
 PLAN_FILE = "plan.json"
@@ -45,18 +48,18 @@ class Plan:
     """A compiled plan. `directory` is where it was loaded from (None while being built)."""
 
     schema_version: list[int]
-    producer: dict[str, str]
-    model: dict[str, Any]            # ModelSpec fields + config_sha256 + source
-    target: dict[str, Any]           # Target fields
-    workload: dict[str, Any]         # max_len, prompt_len, batch, budget, sink_tokens, recent_tokens, ...
-    retrieval_head: dict[str, Any]   # source, layer, params, reduction, file
+    producer: dict[str, str]         # package -> version that wrote the plan
+    model: PlanModel
+    target: dict[str, Any]           # the Target's fields (for the report: the runtime never reads it)
+    workload: PlanWorkload
+    retrieval_head: HeadRecord
     segments: list[Segment]
     schedule: list[PrefetchSlot]
-    prediction: dict[str, Any]
-    solver: dict[str, Any]
-    graph: dict[str, Any]            # file, sha256, inputs (placeholder -> parameter), op counts
-    kernels: list[dict[str, Any]] = field(default_factory=list)
-    passes: list[dict[str, Any]] = field(default_factory=list)   # name, seconds, counters
+    prediction: dict[str, Any]       # the cost model's summary, memory breakdown and timeline (report)
+    solver: dict[str, Any]           # the ILP's solver, status, time (report)
+    graph: GraphRecord
+    kernels: list[KernelRecord] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
     directory: Path | None = None
 
     # -- residency ---------------------------------------------------------------------------
@@ -70,23 +73,37 @@ class Plan:
         return self.segments[-1]
 
     # -- serialization -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """plan.json's object (every record in its JSON form; no directory)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "directory"}
+        data.update(model=asdict(self.model), workload=asdict(self.workload),
+                    retrieval_head=self.retrieval_head.to_dict(), graph=asdict(self.graph),
+                    segments=[asdict(s) for s in self.segments], schedule=[asdict(s) for s in self.schedule],
+                    kernels=[asdict(k) for k in self.kernels], passes=[p.to_dict() for p in self.passes])
+        return data
+
     def to_json(self) -> str:
         """plan.json's text: strict JSON, so a NaN or infinity is refused here, naming its field."""
-        data = asdict(self)
-        data.pop("directory")
+        data = self.to_dict()
         check_plan_data(data, "the plan being written")
         return json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        """The Plan and its typed records from plan.json's object (read once, here)."""
         _check_version(data.get("schema_version"))
         known = {f.name for f in fields(cls)} - {"directory"}
         missing = [name for name in known if name not in data and name not in ("kernels", "passes")]
         if missing:
             raise PlanError(f"plan.json lacks {', '.join(sorted(missing))}; recompile the plan")
         kwargs = {k: v for k, v in data.items() if k in known}
-        kwargs["segments"] = [Segment(**s) for s in data["segments"]]
-        kwargs["schedule"] = [_prefetch_slot(s) for s in data["schedule"]]
+        kwargs.update(model=PlanModel.from_dict(data["model"]), workload=PlanWorkload.from_dict(data["workload"]),
+                      retrieval_head=HeadRecord.from_dict(data["retrieval_head"]),
+                      graph=GraphRecord.from_dict(data["graph"]),
+                      segments=[Segment(**s) for s in data["segments"]],
+                      schedule=[_prefetch_slot(s) for s in data["schedule"]],
+                      kernels=[KernelRecord.from_dict(k) for k in data.get("kernels") or ()],
+                      passes=[PassRecord.from_dict(p) for p in data.get("passes") or ()])
         return cls(**kwargs)
 
     def bind(self, model, dlm=None, **options):

@@ -30,22 +30,23 @@ def check_plan_data(data: dict[str, Any], where: str) -> None:
 
 def check_plan(plan, where: str, listed_files: set[str] | None = None) -> None:
     """Checks on a built Plan: workload, segments, schedule, files it names."""
-    num_layers = _int(plan.model.get("num_layers"), where, "model.num_layers", low=1)
+    num_layers = _int(plan.model.num_layers, where, "model.num_layers", low=1)
     work = plan.workload
-    max_len = _int(work.get("max_len"), where, "workload.max_len", low=1)
-    budget = _int(work.get("budget"), where, "workload.budget", low=1)
+    max_len = _int(work.max_len, where, "workload.max_len", low=1)
+    budget = _int(work.budget, where, "workload.budget", low=1)
     if budget > max_len:
         _refuse(where, f"workload.budget {budget} is larger than workload.max_len {max_len}")
-    _int(work.get("batch"), where, "workload.batch", low=1)
+    _int(work.batch, where, "workload.batch", low=1)
     for name in ("sink_tokens", "recent_tokens"):
-        if name in work:
-            _int(work[name], where, f"workload.{name}", low=0)
-    if "prefill_chunk_tokens" in work:
-        _int(work["prefill_chunk_tokens"], where, "workload.prefill_chunk_tokens", low=1)
+        _int(getattr(work, name), where, f"workload.{name}", low=0)
+    if work.prefill_chunk_tokens is not None:
+        _int(work.prefill_chunk_tokens, where, "workload.prefill_chunk_tokens", low=1)
+    if work.level not in ("head", "batch"):
+        _refuse(where, f"workload.level is {work.level!r}, not head or batch")
     _check_segments(plan.segments, num_layers, max_len, where)
     first = plan.segments[0].from_len
-    if isinstance(work.get("prompt_len"), int) and first > work["prompt_len"]:
-        _refuse(where, f"segments[0] starts at {first}, after workload.prompt_len {work['prompt_len']}: "
+    if isinstance(work.prompt_len, int) and first > work.prompt_len:
+        _refuse(where, f"segments[0] starts at {first}, after workload.prompt_len {work.prompt_len}: "
                        "no residency for the planned prompt")
     _check_schedule(plan.schedule, num_layers, where)
     if listed_files is not None:
@@ -78,9 +79,8 @@ def _check_schedule(schedule, num_layers: int, where: str) -> None:
 
 
 def _check_files_listed(plan, listed: set[str], where: str) -> None:
-    named = [plan.graph.get("file")] if plan.graph.get("file") else []
-    named += [k.get("file") for k in plan.kernels]
-    named += [plan.retrieval_head.get("file")] if plan.retrieval_head.get("file") else []
+    named = [plan.graph.file, *(k.file for k in plan.kernels)]
+    named += [plan.retrieval_head.file] if plan.retrieval_head.file else []
     for name in named:
         if not isinstance(name, str) or name not in listed:
             _refuse(where, f"it names the file {name!r}, which the manifest does not cover")

@@ -31,7 +31,7 @@ def selection_groups(num_heads: int, num_kv_heads: int, level: str = "head") -> 
     return num_kv_heads
 
 
-def selection_width(budget: int, sink_tokens: int = 1, recent_tokens: int = 0) -> int:
+def selection_width(budget: int, sink_tokens: int, recent_tokens: int) -> int:
     """W: indices per group, including sinks and the recent window."""
     return budget + sink_tokens + recent_tokens
 
@@ -45,8 +45,8 @@ def group_scores(scores: torch.Tensor, num_kv_heads: int, level: str = "head") -
     return scores.reshape(batch, groups, num_heads // groups, seq).amax(dim=2)
 
 
-def select_tokens(scores: torch.Tensor, num_kv_heads: int, budget: int, *, level: str = "head",
-                  sink_tokens: int = 1, recent_tokens: int = 0,
+def select_tokens(scores: torch.Tensor, num_kv_heads: int, budget: int, *, sink_tokens: int,
+                  recent_tokens: int, level: str = "head",
                   seq_lens: torch.Tensor | None = None) -> torch.Tensor:
     """Indices [B, G, W] (int64, ascending, -1 padded) of the tokens each group attends to.
 
@@ -57,7 +57,7 @@ def select_tokens(scores: torch.Tensor, num_kv_heads: int, budget: int, *, level
     return select_from_groups(per_group, budget, sink_tokens, recent_tokens, seq_lens).long()
 
 
-def select_from_groups(per_group: torch.Tensor, budget: int, sink_tokens: int = 1, recent_tokens: int = 0,
+def select_from_groups(per_group: torch.Tensor, budget: int, sink_tokens: int, recent_tokens: int,
                        seq_lens: torch.Tensor | None = None) -> torch.Tensor:
     """Indices [B, G, W] int32 (ascending, -1 padded) from per-group scores [B, G, S].
 

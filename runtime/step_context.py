@@ -23,6 +23,7 @@ from specontext_compiler.runtime import selection
 from specontext_compiler.runtime.head_features import HeadFeatures
 from specontext_compiler.runtime.kernel_set import KernelSet
 from specontext_compiler.runtime.kv_store import KVLayout, KVStore
+from specontext_compiler.runtime.plan_records import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 from specontext_compiler.runtime.prefetch import Prefetcher
 
 
@@ -31,8 +32,8 @@ class SelectionConfig:
     """How many tokens each group attends to: budget + sinks + recent window (plan parameters)."""
 
     budget: int
-    sink_tokens: int = 1
-    recent_tokens: int = 16
+    sink_tokens: int = DEFAULT_SINK_TOKENS
+    recent_tokens: int = DEFAULT_RECENT_TOKENS
     level: str = "head"
 
     @property
@@ -66,8 +67,8 @@ class StepContext:
         self._host_writes = False        # a prefill wrote offloaded rows on the copy stream
 
     @classmethod
-    def for_model(cls, spec, batch: int, max_len: int, budget: int, sink_tokens: int = 1,
-                  recent_tokens: int = 16, head=None, offloaded_layers=(), capacity: int | None = None,
+    def for_model(cls, spec, batch: int, max_len: int, budget: int, sink_tokens: int = DEFAULT_SINK_TOKENS,
+                  recent_tokens: int = DEFAULT_RECENT_TOKENS, head=None, offloaded_layers=(), capacity: int | None = None,
                   device="cpu",
                   dtype=torch.float32, level: str = "head", kernels=None, windows=()) -> "StepContext":
         """A context sized for a ModelSpec (tests and the engine use this)."""

@@ -1,7 +1,7 @@
 """Bind weights to the plan's graph: load the model, check it is the one the plan was built for.
 
 The graph's leading placeholders are parameters and buffers named by their Hugging Face
-state-dict names (plan.graph["inputs"]); binding looks each one up by name. transformers is
+state-dict names (plan.graph.inputs); binding looks each one up by name. transformers is
 imported only here, inside functions: the runtime package itself stays import-light.
 """
 from __future__ import annotations
@@ -50,16 +50,16 @@ def _first_words(exc: Exception, limit: int = 200) -> str:
     return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
-def check_model_matches(plan_model: dict, config) -> None:
+def check_model_matches(plan_model, config) -> None:
     """Raise ModelMismatchError naming the first shape field where the model differs from the plan."""
     for plan_field, config_field in _SHAPE_FIELDS:
-        expected = plan_model.get(plan_field)
+        expected = getattr(plan_model, plan_field)
         actual = getattr(config, config_field, None)
         if config_field == "num_key_value_heads" and actual is None:
             actual = getattr(config, "num_attention_heads", None)
         if expected is not None and actual is not None and int(expected) != int(actual):
             raise ModelMismatchError(
-                f"plan {plan_model.get('name')!r} is for {plan_field}={expected}, the model has {actual}; "
+                f"plan {plan_model.name!r} is for {plan_field}={expected}, the model has {actual}; "
                 "compile a plan for this model")
 
 

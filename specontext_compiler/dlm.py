@@ -17,7 +17,6 @@ act on the normalized embedding: an approximation, flagged in the report.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -164,8 +163,5 @@ def head_for_plan(dlm: Any, plan: Any) -> RetrievalHead:
 
     Reading checkpoints is compiler-side work, so the CLI does it here and hands bind the head.
     """
-    from specontext_compiler.runtime.model_spec import ModelSpec
-    head, _ = extract_retrieval_head(dlm, ModelSpec.from_dict(plan.model),
-                                     layer=(plan.retrieval_head or {}).get("layer"),
-                                     level=plan.workload.get("level", "head"))
+    head, _ = extract_retrieval_head(dlm, plan.model, layer=plan.retrieval_head.layer, level=plan.workload.level)
     return head

@@ -9,16 +9,18 @@ from __future__ import annotations
 import platform
 import re
 import time
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 from specontext_compiler import __version__
 from specontext_compiler.errors import SpecontextError
-from specontext_compiler.runtime.plan import (SCHEMA_VERSION, Plan, PrefetchSlot, Segment, check_plan_output,
-                                              write_plan_dir)
+from specontext_compiler.runtime.plan import SCHEMA_VERSION, Plan, PrefetchSlot, check_plan_output, write_plan_dir
 from specontext_compiler.runtime.plan_integrity import plan_manifest
-from specontext_compiler.sizes import parse_tokens
+from specontext_compiler.runtime.plan_records import (DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, GraphRecord,
+                                                      HeadRecord, KernelRecord, PassRecord, PlanModel, PlanWorkload)
+from specontext_compiler.sizes import parse_batch, parse_tokens
 
 Progress = Callable[[str, float], None]
 STAGES = ("load model", "retrieval head", "plan (ILP)", "export", "passes", "codegen", "write")
@@ -27,8 +29,8 @@ SELF_HEAD = "self:0"        # --dlm spelling of the LLM's own layer 0, built at 
 
 
 def compile_model(model: str, target: str = "a100", max_len: int | str = "128k", *,
-                  batch: int | str = 1, budget: int | None = None, sink_tokens: int = 1,
-                  recent_tokens: int = 16, out: str | Path | None = None, dlm: str | None = None,
+                  batch: int | str = 1, budget: int | None = None, sink_tokens: int = DEFAULT_SINK_TOKENS,
+                  recent_tokens: int = DEFAULT_RECENT_TOKENS, out: str | Path | None = None, dlm: str | None = None,
                   target_file: str | None = None, prompt_len: int | str | None = None,
                   selection_overlap: float = 0.8, level: str = "head", distill: bool = True,
                   progress: Progress | None = None) -> Plan:
@@ -55,8 +57,9 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     max_len_tokens = parse_tokens(max_len, "--max-len")
     models.check_max_len(spec, max_len_tokens)
     budget = _budget(budget, max_len_tokens)
+    batch = parse_batch(batch)
     hw = load_target_file(target_file) if target_file else load_target(target)
-    out_dir = Path(out) if out else default_plan_dir(source.name, hw.name)
+    out_dir = Path(out) if out else default_plan_dir(model, target, target_file)
     check_plan_output(out_dir)          # refuse a path that is not ours, or unwritable, before any slow work
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len else _default_prompt(max_len_tokens)
 
@@ -69,41 +72,17 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
 
     clock.stage("plan (ILP)")
     windows = models.layer_windows(source.config)
-    solution = plan_residency(spec, workload, hw, batch=_parse_batch(batch),
+    solution = plan_residency(spec, workload, hw, batch=batch,
                               resident_layers=[i for i, w in enumerate(windows) if w])
-    offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
-
-    clock.stage("export")
-    captured = _capture(source.config)
-
-    clock.stage("passes")
-    from specontext_compiler.pipeline import run_pipeline
-    schedule = {layer: issue for layer, issue in solution.schedule}
-    graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, schedule,
-                                              feature_layers=head_info["feature_layers"],
-                                              window_layers=[i for i, w in enumerate(windows) if w])
-
-    clock.stage("codegen")
-    from specontext_compiler.codegen.emit_graph import emit_graph_source
-    from specontext_compiler.codegen.emit_kernels import emit_kernels
-    graph_source, graph_record = emit_graph_source(graph_module, captured.param_names)
-    files["decode_graph.py"] = graph_source
-    prefill_chunk = _prefill_chunk(spec, workload, hw, solution, windows)
-    workload_fields = _workload_fields(workload, solution, level, prefill_chunk)
-    kernel_files, kernel_records = emit_kernels(spec.to_dict(), workload_fields)
-    files.update(kernel_files)
-
-    plan = Plan(
-        schema_version=list(SCHEMA_VERSION), producer=_producer(),
-        model={**spec.to_dict(), "layer_windows": windows, "config_sha256": models.config_sha256(source.config),
-               "source": str(source.path) if source.path else None, "preset": source.preset},
-        target=dict(vars(hw)),
-        workload=workload_fields, retrieval_head=head_info,
-        segments=[Segment(s.from_len, s.to_len, list(s.gpu_layers), list(s.offloaded_layers), dict(s.predicted))
-                  for s in solution.segments],
-        schedule=[PrefetchSlot(layer, issue) for layer, issue in solution.schedule],
-        prediction=_prediction(solution, spec, workload, hw), solver=dict(solution.solver),
-        graph=graph_record, kernels=kernel_records, passes=pass_records)
+    plan_workload = _plan_workload(workload, solution, level,
+                                   _prefill_chunk(spec, workload, hw, solution, windows))
+    graph, kernels, passes = _program(clock, source.config, spec, solution, plan_workload, head_info,
+                                      windows, files)
+    plan = Plan(schema_version=list(SCHEMA_VERSION), producer=_producer(), model=_plan_model(spec, source, windows),
+                target=dict(vars(hw)), workload=plan_workload, retrieval_head=HeadRecord.from_dict(head_info),
+                segments=list(solution.segments), schedule=[PrefetchSlot(*slot) for slot in solution.schedule],
+                prediction=_prediction(solution, spec, workload, hw), solver=dict(solution.solver),
+                graph=graph, kernels=kernels, passes=passes)
 
     clock.stage("write")
     from specontext_compiler.report import render_report_markdown
@@ -114,10 +93,12 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     return plan
 
 
-def default_plan_dir(model: str, target: str) -> Path:
-    """plans/<model>-<target>, with the model's last path part and only file-name-safe characters."""
+def default_plan_dir(model: str, target: str, target_file: str | None = None) -> Path:
+    """plans/<model>-<target>: the model's last path part, the target's name as given (a target
+    file's stem), only file-name-safe characters. The CLI and library callers share it."""
     name = Path(model.rstrip("/")).name or model
-    return Path("plans") / re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}-{target}")
+    target_name = Path(target_file).stem if target_file else target
+    return Path("plans") / re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}-{target_name}")
 
 
 class _Clock:
@@ -146,18 +127,29 @@ def _default_prompt(max_len: int) -> int:
     return max(1, min(2048, max_len // 16))
 
 
-def _parse_batch(batch: int | str) -> int | str:
-    if isinstance(batch, int) or str(batch) == "auto":
-        return batch if isinstance(batch, int) else "auto"
-    try:
-        return int(batch)
-    except ValueError:
-        raise SpecontextError(f"--batch {batch!r} is not a number; give a request count or 'auto'") from None
-
-
-def _capture(config):
+def _program(clock: "_Clock", config, spec, solution, workload: PlanWorkload, head_info: dict, windows: list[int],
+             files: dict):
+    """Export, rewrite and emit the decode step: (graph, kernel and pass records); adds the files."""
     from specontext_compiler.capture import capture_decode_graph
-    return capture_decode_graph(config)
+    from specontext_compiler.codegen.emit_graph import emit_graph_source
+    from specontext_compiler.codegen.emit_kernels import emit_kernels
+    from specontext_compiler.pipeline import run_pipeline
+    clock.stage("export")
+    captured = capture_decode_graph(config)
+
+    clock.stage("passes")
+    offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
+    graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, dict(solution.schedule),
+                                              feature_layers=head_info["feature_layers"],
+                                              window_layers=[i for i, w in enumerate(windows) if w])
+
+    clock.stage("codegen")
+    graph_source, graph_record = emit_graph_source(graph_module, captured.param_names)
+    files["decode_graph.py"] = graph_source
+    kernel_files, kernel_records = emit_kernels(spec.to_dict(), asdict(workload))
+    files.update(kernel_files)
+    return (GraphRecord.from_dict(graph_record), [KernelRecord.from_dict(k) for k in kernel_records],
+            [PassRecord.from_dict(p) for p in pass_records])
 
 
 def _retrieval_head(dlm: str | None, source, model: str, level: str, max_len: int, distill: bool = True):
@@ -187,12 +179,18 @@ def _retrieval_head(dlm: str | None, source, model: str, level: str, max_len: in
     return {**report, "source": str(dlm), "file": HEAD_FILE}, {HEAD_FILE: head.to_bytes()}, shape
 
 
-def _workload_fields(workload, solution, level: str, prefill_chunk: int) -> dict:
-    return {"max_len": workload.max_len, "prompt_len": workload.prompt_len, "batch": solution.batch,
-            "budget": workload.budget, "sink_tokens": workload.sink_tokens,
-            "recent_tokens": workload.recent_tokens, "width": workload.window_tokens,
-            "selection_overlap": workload.selection_overlap, "level": level,
-            "prefill_chunk_tokens": prefill_chunk, "dtype": "bfloat16"}
+def _plan_model(spec, source, windows: list[int]) -> PlanModel:
+    from specontext_compiler.models import config_sha256
+    return PlanModel(**spec.to_dict(), layer_windows=windows, config_sha256=config_sha256(source.config),
+                     source=str(source.path) if source.path else None, preset=source.preset)
+
+
+def _plan_workload(workload, solution, level: str, prefill_chunk: int) -> PlanWorkload:
+    return PlanWorkload(max_len=workload.max_len, prompt_len=workload.prompt_len, batch=solution.batch,
+                        budget=workload.budget, sink_tokens=workload.sink_tokens,
+                        recent_tokens=workload.recent_tokens, width=workload.window_tokens,
+                        selection_overlap=workload.selection_overlap, level=level, dtype="bfloat16",
+                        prefill_chunk_tokens=prefill_chunk)
 
 
 def _prefill_chunk(spec, workload, hw, solution, windows) -> int:
@@ -208,7 +206,7 @@ def _prefill_chunk(spec, workload, hw, solution, windows) -> int:
 
 def _prediction(solution, spec, workload, hw) -> dict:
     """Summary, per-segment memory breakdown and one step's overlap timeline at max-len."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     from specontext_compiler.cost_models import memory
     from specontext_compiler.cost_models.latency import timeline

@@ -132,22 +132,11 @@ def build_meta_model(config, dtype=None):
     return model.eval()
 
 
-def attention_kind(config) -> str:
-    """mha / gqa / mqa / mla from the config's head counts (MLA: a compressed KV latent)."""
-    if getattr(config, "kv_lora_rank", None):
-        return "mla"
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if kv_heads == heads:
-        return "mha"
-    return "mqa" if kv_heads == 1 else "gqa"
-
-
 def spec_from_config(config, name: str) -> ModelSpec:
     """The ModelSpec the planner uses; param_count is counted on the meta model."""
-    kind = attention_kind(config)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    from specontext_compiler.runtime.head_extract import llm_geometry
+    geometry = llm_geometry(config)
+    kind, heads, kv_heads = geometry["kind"], geometry["num_heads"], geometry["num_kv_heads"]
     if kind == "mla":
         # The MLA cache holds the latent c (kv_lora_rank) plus one shared RoPE key per token.
         head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
@@ -165,14 +154,15 @@ def spec_from_config(config, name: str) -> ModelSpec:
         kv_elems_per_token=kv_elems, max_positions=config.max_position_embeddings,
         param_count=int(params), rope_theta=float(_rope_theta(config)),
         kv_lora_rank=int(getattr(config, "kv_lora_rank", 0) or 0) if kind == "mla" else 0,
-        qk_rope_head_dim=int(getattr(config, "qk_rope_head_dim", 0) or 0) if kind == "mla" else 0)
+        qk_rope_head_dim=int(getattr(config, "qk_rope_head_dim", 0) or 0) if kind == "mla" else 0,
+        v_head_dim=int(getattr(config, "v_head_dim", 0) or 0) if kind == "mla" else 0)
 
 
 def _rope_theta(config) -> float:
-    rope = getattr(config, "rope_parameters", None) or {}
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        return rope["rope_theta"]
-    return getattr(config, "rope_theta", None) or 10000.0
+    """The RoPE base of the model's global-attention layers (Gemma-3's local layers have their own)."""
+    from specontext_compiler.runtime.head_extract import rope_of
+    windows = layer_windows(config)
+    return rope_of(config.to_dict(), windows.index(0) if 0 in windows else 0)["rope_theta"]
 
 
 def config_sha256(config) -> str:

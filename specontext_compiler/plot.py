@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from specontext_compiler.errors import SpecontextError
-from specontext_compiler.report import _NOT_COMPONENTS, GIB, _is_stall, _memory_components, _stalls, \
-    _timeline_caption, _timeline_events, format_tokens
+from specontext_compiler.report import _NOT_COMPONENTS, GIB, _memory_components, _timeline_caption, \
+    _timeline_events, format_tokens
+from specontext_compiler.report_timeline import find_stalls, is_stall
 from specontext_compiler.runtime.atomic_dir import nearest_existing
 from specontext_compiler.runtime.plan import Plan
 
@@ -27,9 +28,9 @@ def write_plot(plan: Plan, path: str | Path) -> Path:
     fig, (mem_ax, time_ax) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.3]})
     _memory_panel(mem_ax, plan)
     _timeline_panel(time_ax, plan)
-    fig.suptitle(f"{plan.model.get('name')} on {plan.target.get('name')}: "
-                 f"max len {format_tokens(int(plan.workload.get('max_len', 0)))}, "
-                 f"batch {plan.workload.get('batch')}, budget {plan.workload.get('budget')}")
+    fig.suptitle(f"{plan.model.name} on {plan.target['name']}: "
+                 f"max len {format_tokens(plan.workload.max_len)}, "
+                 f"batch {plan.workload.batch}, budget {plan.workload.budget}")
     fig.tight_layout()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -57,8 +58,6 @@ def check_plot_path(path: str | Path) -> Path:
 
 def _memory_panel(ax, plan: Plan) -> None:
     components = [{k: v for k, v in comp.items() if k not in _NOT_COMPONENTS} for comp in _memory_components(plan)]
-    if not all(components):  # no per-segment breakdown: stack nothing, draw the totals
-        components = [{"GPU total": seg.predicted.get("gpu_bytes", 0.0)} for seg in plan.segments]
     names = list(dict.fromkeys(n for comp in components for n in comp))
     edges = [seg.from_len for seg in plan.segments] + [plan.segments[-1].to_len]
     floor = [0.0] * len(edges)
@@ -69,10 +68,10 @@ def _memory_panel(ax, plan: Plan) -> None:
         ax.fill_between(edges, floor, top, step="post", alpha=0.85,
                         label=name.removesuffix("_bytes").replace("_", " "))
         floor = top
-    target_gib = plan.target.get("gpu_memory_bytes", 0) / GIB
+    target_gib = plan.target["gpu_memory_bytes"] / GIB
     if target_gib:
         ax.axhline(target_gib, color="black", linestyle="--", linewidth=1,
-                   label=f"{plan.target.get('name')} memory ({target_gib:.0f} GiB)")
+                   label=f"{plan.target['name']} memory ({target_gib:.0f} GiB)")
     for seg in plan.segments[1:]:
         ax.axvline(seg.from_len, color="grey", linewidth=0.5, alpha=0.5)
     ax.set_xlim(edges[0], edges[-1])
@@ -93,11 +92,11 @@ def _timeline_panel(ax, plan: Plan) -> None:
         ax.set_axis_off()
         return
     streams = list(dict.fromkeys(e["stream"] for e in sorted(events, key=lambda e: e["stream"] != "compute")
-                                 if not _is_stall(e)))
+                                 if not is_stall(e)))
     colors = {"compute": ("tab:blue", "lightsteelblue"), "copy": ("tab:purple", "plum")}
     labelled = False
     for row, stream in enumerate(streams):
-        ops = [e for e in events if e["stream"] == stream and not _is_stall(e)]
+        ops = [e for e in events if e["stream"] == stream and not is_stall(e)]
         shades = colors.get(stream, ("tab:gray", "lightgray"))
         ax.broken_barh([(e["start_ms"], e["end_ms"] - e["start_ms"]) for e in ops], (row - 0.35, 0.7),
                        facecolors=[shades[i % 2] for i in range(len(ops))], edgecolor="white", linewidth=0.3)
@@ -106,7 +105,7 @@ def _timeline_panel(ax, plan: Plan) -> None:
             ax.broken_barh(critical, (row - 0.35, 0.7), facecolors="none", edgecolor="black", linewidth=1.2,
                            label=None if labelled else "critical path")
             labelled = True
-    stalls = _stalls(events)
+    stalls = find_stalls(events)
     if stalls:
         ax.broken_barh([(start, ms) for _, start, ms in stalls], (-0.45, 0.9), facecolors="red",
                        alpha=0.6, label=f"stall ({sum(s[2] for s in stalls):.2f} ms)")

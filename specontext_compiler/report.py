@@ -9,7 +9,6 @@ then drawn either with rich (terminal) or as markdown tables (report.md, no ANSI
 from __future__ import annotations
 
 import re
-from dataclasses import asdict
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -17,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from specontext_compiler.head_info import head_summary
+from specontext_compiler.report_timeline import critical_path_line, find_stalls, gantt, gantt_text
 from specontext_compiler.runtime.plan import Plan, Segment
 
 GIB = 1024 ** 3
@@ -62,11 +62,6 @@ def _component_name(key: str) -> str:
 
 
 # -- the views as plain rows --------------------------------------------------------------------
-def _num_layers(plan: Plan) -> int:
-    return int(plan.model.get("num_layers") or max(
-        [max(s.gpu_layers + s.offloaded_layers, default=-1) for s in plan.segments], default=-1) + 1)
-
-
 def residency_strip(seg: Segment, num_layers: int) -> str:
     """One char per layer: 'G' keeps full KV on the GPU, 'C' is offloaded to pinned host memory."""
     gpu = set(seg.gpu_layers)
@@ -81,10 +76,9 @@ def _layer_ruler(num_layers: int) -> str:
     return "".join(ruler)
 
 
-def selection_overlap(plan: Plan, seg: Segment | None = None) -> Any:
-    """The selection overlap a prediction assumes: the segment's own, else the plan workload's."""
-    overlap = (seg.predicted.get("selection_overlap") if seg is not None else None)
-    return overlap if overlap is not None else plan.workload.get("selection_overlap")
+def selection_overlap(plan: Plan) -> float | None:
+    """The selection overlap the plan's predictions assume (share of rows already selected)."""
+    return plan.workload.selection_overlap
 
 
 def _prediction_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
@@ -94,9 +88,9 @@ def _prediction_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
     for seg in plan.segments:
         p = seg.predicted
         h2d = p.get("h2d_bytes_per_step")
-        rows.append([_range(seg), f"{len(seg.gpu_layers)}/{_num_layers(plan)}",
+        rows.append([_range(seg), f"{len(seg.gpu_layers)}/{plan.model.num_layers}",
                      _num(p.get("step_ms")), _num(p.get("tokens_per_s"), 1),
-                     _num(selection_overlap(plan, seg)),
+                     _num(p.get("selection_overlap")),
                      _num(p.get("compute_ms")), _num(p.get("transfer_ms")),
                      _num(p.get("stall_ms")), _num(p.get("retrieval_ms")),
                      "-" if h2d is None else _num(h2d / MB, 1)])
@@ -104,25 +98,20 @@ def _prediction_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
 
 
 def _memory_components(plan: Plan) -> list[dict[str, float]]:
-    """Per segment, GPU bytes by component, from prediction["memory_breakdown"]: a list with one
-    {from_len, to_len, <component>: bytes, ..., total, host_pinned} per segment (the driver's
-    form), or one {component: bytes} dict that describes the last segment."""
-    breakdown = plan.prediction.get("memory_breakdown") or []
-    if isinstance(breakdown, dict):
-        return [{} for _ in plan.segments[:-1]] + [dict(breakdown)]
-    by_start = {int(entry.get("from_len", -1)): entry for entry in breakdown}
+    """Per segment, GPU bytes by component: prediction["memory_breakdown"] holds one
+    {from_len, to_len, <component>: bytes, ..., total, host_pinned} per segment."""
+    by_start = {entry["from_len"]: entry for entry in plan.prediction["memory_breakdown"]}
     return [dict(by_start.get(seg.from_len, {})) for seg in plan.segments]
 
 
 def _memory_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
     components = _memory_components(plan)
     names = list(dict.fromkeys(n for comp in components for n in comp if n not in _NOT_COMPONENTS))
-    target_bytes = plan.target.get("gpu_memory_bytes")
+    target_bytes = plan.target["gpu_memory_bytes"]
     headers = ["up to", *(_component_name(n) for n in names), "GPU total", "of GPU", "host pinned"]
     rows = []
     for seg, comp in zip(plan.segments, components):
-        total = comp.get("total", seg.predicted.get("gpu_bytes"))
-        host = comp.get("host_pinned", seg.predicted.get("host_bytes"))
+        total, host = comp.get("total"), comp.get("host_pinned")
         share = "-" if not (total and target_bytes) else f"{100 * total / target_bytes:.0f}%"
         rows.append([format_tokens(seg.to_len), *(_gib(comp.get(n)) for n in names), _gib(total), share,
                      _gib(host)])
@@ -130,87 +119,27 @@ def _memory_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
 
 
 def _timeline_events(plan: Plan) -> list[dict[str, Any]]:
-    return sorted(plan.prediction.get("timeline") or [], key=lambda e: (e["start_ms"], e["end_ms"]))
+    return sorted(plan.prediction["timeline"], key=lambda e: (e["start_ms"], e["end_ms"]))
 
-
-def _is_stall(event: dict[str, Any]) -> bool:
-    return event["stream"] == "stall" or event["label"].lower().startswith("stall")
-
-
-def _stalls(events: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
-    """Where the compute stream waits for a copy: (label, start ms, duration ms); either an
-    explicit 'stall ...' event or a gap between compute events (labelled by the op after it)."""
-    stalls = [(e["label"], e["start_ms"], e["end_ms"] - e["start_ms"]) for e in events if _is_stall(e)]
-    busy_until = min((e["start_ms"] for e in events), default=0.0)
-    for e in events:
-        if e["stream"] != "compute":
-            continue
-        if e["start_ms"] > busy_until + 1e-9:
-            stalls.append((f"before {e['label']}", busy_until, e["start_ms"] - busy_until))
-        busy_until = max(busy_until, e["end_ms"])
-    return sorted(stalls, key=lambda s: s[1])
-
-
-def _gantt(events: list[dict[str, Any]], width: int) -> list[tuple[str, list[tuple[int, int, int]]]]:
-    """Per stream, then 'stall' (compute waiting): (name, [(first col, end col, index)]) in width."""
-    if not events:
-        return []
-    t0 = min(e["start_ms"] for e in events)
-    span = max(e["end_ms"] for e in events) - t0 or 1.0
-    streams: dict[str, list[tuple[int, int, int]]] = {}
-
-    def cell_of(e: dict[str, Any]) -> tuple[int, int, int]:
-        first = int((e["start_ms"] - t0) / span * width)
-        end = max(first + 1, int(round((e["end_ms"] - t0) / span * width)))
-        return first, min(end, width), 0
-
-    for e in events:
-        if _is_stall(e):
-            continue
-        cells = streams.setdefault(e["stream"], [])
-        first, end, _ = cell_of(e)
-        cells.append((first, end, len(cells)))
-    stall_cells = [(int((start - t0) / span * width),
-                    max(int((start - t0) / span * width) + 1, int(round((start + ms - t0) / span * width))), 0)
-                   for _, start, ms in _stalls(events)]
-    if stall_cells:
-        streams["stall"] = stall_cells
-    # the critical path's row: █ where a compute-stream operation sets the step, ▓ a copy
-    critical = [(*cell_of(e)[:2], int(e["stream"] != "compute")) for e in events if e.get("critical")]
-    if critical:
-        streams["critical"] = critical
-    order = {"compute": 0, "copy": 1, "stall": 3, "critical": 4}
-    return sorted(streams.items(), key=lambda item: order.get(item[0], 2))
-
-
-def _gantt_text(cells: list[tuple[int, int, int]], width: int, colors: tuple[str, str]) -> Text:
-    text = Text("·" * width, style="dim")
-    for first, end, index in cells:
-        # alternate glyph and colour so neighbouring layers stay distinguishable
-        glyph = "█" if index % 2 == 0 else "▓"
-        text = text[:first] + Text(glyph * (end - first), style=colors[index % 2]) + text[end:]
-    return text
 
 
 def _kv_lines(plan: Plan) -> list[tuple[str, str]]:
     m, w, r = plan.model, plan.workload, plan.retrieval_head
     return [
-        ("model", f"{m.get('name')} ({m.get('architecture')}, {_num_layers(plan)} layers, "
-                  f"{m.get('attention_kind', '?')})"),
-        ("target", f"{plan.target.get('name')} ({_gib(plan.target.get('gpu_memory_bytes'))} GiB GPU)"),
-        ("workload", f"max len {format_tokens(int(w.get('max_len', 0)))} tokens, prompt "
-                     f"{w.get('prompt_len', '-')}, batch {w.get('batch')}, budget {w.get('budget')}, "
-                     f"sinks {w.get('sink_tokens')}, recent {w.get('recent_tokens')}, "
-                     f"selection overlap {_value(w.get('selection_overlap', '-'))}"),
-        ("retrieval head", head_summary(r)),
-        *([("head accuracy", r["accuracy"])] if r.get("accuracy") else []),
+        ("model", f"{m.name} ({m.architecture}, {m.num_layers} layers, {m.attention_kind})"),
+        ("target", f"{plan.target['name']} ({_gib(plan.target['gpu_memory_bytes'])} GiB GPU)"),
+        ("workload", f"max len {format_tokens(w.max_len)} tokens, prompt {_value(w.prompt_len)}, batch {w.batch}, "
+                     f"budget {w.budget}, sinks {w.sink_tokens}, recent {w.recent_tokens}, "
+                     f"selection overlap {_value(w.selection_overlap)}"),
+        ("retrieval head", head_summary(r.to_dict())),
+        *([("head accuracy", r.facts["accuracy"])] if r.facts.get("accuracy") else []),
         ("solver", ", ".join(f"{k} {_value(v)}" for k, v in plan.solver.items())),
         ("prefetch issue→wait", _schedule_line(plan)),
         ("prediction", (", ".join(f"{k} {_value(v)}" for k, v in plan.prediction.items()
-                                  if isinstance(v, (int, float, str)) and k != "timeline_seq_len") or "-")
+                                  if isinstance(v, (int, float, str))) or "-")
          + f" (at selection overlap {_value(selection_overlap(plan))})"),
-        ("graph", f"{plan.graph.get('file', '-')}, {_value(plan.graph.get('nodes', '?'))} nodes"),
-        ("kernels", ", ".join(k.get("family", k.get("file", "?")) for k in plan.kernels) or "-"),
+        ("graph", f"{plan.graph.file}, {_value(plan.graph.nodes)} nodes"),
+        ("kernels", ", ".join(k.family for k in plan.kernels) or "-"),
     ]
 
 
@@ -223,22 +152,15 @@ def _schedule_line(plan: Plan, shown: int = 16) -> str:
 
 
 def _pass_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
-    rows = [[str(p.get("pass", p.get("name", "?"))), _num(p.get("seconds"), 3), _value(p.get("nodes", "-")),
-             ", ".join(f"{k}={v}" for k, v in (p.get("counters") or {}).items()) or "-"] for p in plan.passes]
+    rows = [[p.name, _num(p.seconds, 3), _value(p.nodes),
+             ", ".join(f"{k}={v}" for k, v in p.counters.items()) or "-"] for p in plan.passes]
     return ["pass", "seconds", "nodes after", "counters"], rows
 
 
 def _timeline_caption(plan: Plan) -> str:
-    seq_len = plan.prediction.get("timeline_seq_len", plan.workload.get("max_len", 0))
-    return (f"one decode step at {format_tokens(int(seq_len))} tokens, "
+    return (f"one decode step at {format_tokens(plan.segments[-1].to_len)} tokens, "
             f"selection overlap {_value(selection_overlap(plan))}")
 
-
-def critical_path_line(events: list[dict[str, Any]]) -> str:
-    """'critical path: retrieval > top-k > diff > gather L20..L31 > layer 31 > lm head', or ''."""
-    from specontext_compiler.cost_models.latency import describe_path
-    path = [e["label"] for e in sorted(events, key=lambda e: e["start_ms"]) if e.get("critical")]
-    return f"critical path (█ compute, ▓ copy): {describe_path(path)}" if path else ""
 
 
 # -- rich --------------------------------------------------------------------------------------
@@ -263,7 +185,7 @@ def _rich_table(title: str, headers: list[str], rows: list[list[str]]) -> Group:
 
 
 def _rich_residency(plan: Plan) -> Group:
-    num_layers = _num_layers(plan)
+    num_layers = plan.model.num_layers
     table = _bare_table()
     table.add_column("seq len", no_wrap=True)
     table.add_column(_layer_ruler(num_layers), no_wrap=True)
@@ -286,9 +208,9 @@ def _rich_timeline(plan: Plan) -> Group:
     table.add_column(no_wrap=True)
     palette = {"compute": ("blue", "cyan"), "copy": ("magenta", "yellow"), "stall": ("bold red",) * 2,
                "critical": ("bold white",) * 2}
-    for stream, cells in _gantt(events, TIMELINE_WIDTH_CHARS):
-        table.add_row(stream, _gantt_text(cells, TIMELINE_WIDTH_CHARS, palette.get(stream, ("white", "grey50"))))
-    stalls = _stalls(events)
+    for stream, cells in gantt(events, TIMELINE_WIDTH_CHARS):
+        table.add_row(stream, gantt_text(cells, TIMELINE_WIDTH_CHARS, palette.get(stream, ("white", "grey50"))))
+    stalls = find_stalls(events)
     t0, t1 = events[0]["start_ms"], max(e["end_ms"] for e in events)
     table.add_row("", Text(f"{t0:.2f} ms".ljust(TIMELINE_WIDTH_CHARS - 10) + f"{t1:.2f} ms".rjust(10),
                            style="dim"))
@@ -334,10 +256,10 @@ def _md_timeline(plan: Plan) -> str:
     if not events:
         return "(the plan has no timeline)"
     lines = []
-    for stream, cells in _gantt(events, TIMELINE_WIDTH_CHARS):
-        lines.append(f"{stream:<8} " + _gantt_text(cells, TIMELINE_WIDTH_CHARS, ("", "")).plain)
+    for stream, cells in gantt(events, TIMELINE_WIDTH_CHARS):
+        lines.append(f"{stream:<8} " + gantt_text(cells, TIMELINE_WIDTH_CHARS, ("", "")).plain)
     lines.append(" " * 9 + f"0 .. {max(e['end_ms'] for e in events) - events[0]['start_ms']:.2f} ms")
-    stalls = _stalls(events)
+    stalls = find_stalls(events)
     lines.append(f"stalls: {len(stalls)}, {sum(s[2] for s in stalls):.3f} ms")
     if critical_path_line(events):
         lines.append(critical_path_line(events))
@@ -346,10 +268,10 @@ def _md_timeline(plan: Plan) -> str:
 
 def render_report_markdown(plan: Plan) -> str:
     """report.md for a plan directory: the inspect report as plain markdown (no ANSI codes)."""
-    num_layers = _num_layers(plan)
+    num_layers = plan.model.num_layers
     residency = "\n".join(f"{_range(seg):>13} {residency_strip(seg, num_layers)} "
                           f"{len(seg.gpu_layers)}/{num_layers}" for seg in plan.segments)
-    parts = [f"# Plan: {plan.model.get('name')} on {plan.target.get('name')}", "",
+    parts = [f"# Plan: {plan.model.name} on {plan.target['name']}", "",
              *(f"- **{k}**: {v}" for k, v in _kv_lines(plan)), "",
              "## KV residency per layer (G = GPU, C = offloaded to host)", "",
              "```\n" + " " * 14 + _layer_ruler(num_layers) + "\n" + residency + "\n```", "",
@@ -363,20 +285,20 @@ def render_report_markdown(plan: Plan) -> str:
 
 def plan_summary_json(plan: Plan) -> dict[str, Any]:
     """The plan as a JSON-able dict plus a `summary` of the headline numbers (for --json)."""
-    data = asdict(plan)
+    data = plan.to_dict()
     data["directory"] = str(plan.directory) if plan.directory else None
-    last = plan.segments[-1] if plan.segments else None
+    last = plan.segments[-1]
     data["summary"] = {
-        "model": plan.model.get("name"),
-        "target": plan.target.get("name"),
-        "max_len": plan.workload.get("max_len"),
-        "batch": plan.workload.get("batch"),
+        "model": plan.model.name,
+        "target": plan.target["name"],
+        "max_len": plan.workload.max_len,
+        "batch": plan.workload.batch,
         "selection_overlap": selection_overlap(plan),
-        "num_layers": _num_layers(plan),
+        "num_layers": plan.model.num_layers,
         "num_segments": len(plan.segments),
-        "gpu_layers_at_max_len": len(last.gpu_layers) if last else None,
-        "tokens_per_s_at_max_len": last.predicted.get("tokens_per_s") if last else None,
-        "step_ms_at_max_len": last.predicted.get("step_ms") if last else None,
+        "gpu_layers_at_max_len": len(last.gpu_layers),
+        "tokens_per_s_at_max_len": last.predicted.get("tokens_per_s"),
+        "step_ms_at_max_len": last.predicted.get("step_ms"),
         "solver_status": plan.solver.get("status"),
     }
     return data

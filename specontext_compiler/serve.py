@@ -193,7 +193,7 @@ def serve(plan_dir, model: str | None, host: str, port: int, dlm: str | None = N
     source = resolve_model(plan, model)
     from specontext_compiler.dlm import head_for_plan
     engine = plan.bind(source, dlm=head_for_plan(dlm, plan) if dlm else None)
-    uvicorn.run(create_app(engine, model_name=str(model or plan.model.get("source") or plan_dir)),
+    uvicorn.run(create_app(engine, model_name=str(model or plan.model.source or plan_dir)),
                 host=host, port=port, log_level="info")
 
 
@@ -202,7 +202,7 @@ def resolve_model(plan, model: str | None) -> str:
     from pathlib import Path
 
     from specontext_compiler.errors import PlanError
-    chosen = model or plan.model.get("source")
+    chosen = model or plan.model.source
     if not chosen:
         raise PlanError("the plan records no model source; pass --model DIR")
     if str(chosen).lower() == "smollm2":

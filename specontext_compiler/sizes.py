@@ -1,4 +1,6 @@
-"""Parse token counts written the way people write them: 131072, 128k, 1M."""
+"""Parse the sizes people type: token counts (131072, 128k, 1M) and batch sizes (4, auto)."""
+import re
+
 from specontext_compiler.errors import SpecontextError
 
 _SUFFIX = {"k": 1024, "m": 1024 * 1024}
@@ -22,3 +24,14 @@ def parse_tokens(text: str | int, what: str = "--max-len") -> int:
         raise SpecontextError(
             f"{what} {text!r} is not a token count; write it as 131072, 128k or 1M")
     return value
+
+
+def parse_batch(value: int | str) -> int | str:
+    """A positive request count (an int or its digits) or "auto" (the largest batch that fits)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[1-9][0-9]*\s*", value):
+        return int(value)
+    raise SpecontextError(f"--batch {value!r} is not a request count; write a positive integer or 'auto'")

@@ -24,7 +24,7 @@ def write_plan_dir(plan, directory, files):
 _spec = importlib.util.spec_from_file_location("_plan_fixture", Path(__file__).with_name("test_report.py"))
 _fixture = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_fixture)
-make_plan = _fixture.make_plan
+make_plan, plan_files = _fixture.make_plan, _fixture.plan_files
 
 runner = CliRunner()
 COMMANDS = ["compile", "inspect", "targets", "run", "serve", "eval", "distill"]
@@ -45,7 +45,8 @@ def assert_one_line_error(result, *words: str) -> None:
 
 @pytest.fixture
 def plan_dir(tmp_path) -> Path:
-    return write_plan_dir(make_plan(), tmp_path / "plan", {"decode_graph.py": "# graph\n"})
+    plan = make_plan()
+    return write_plan_dir(plan, tmp_path / "plan", plan_files(plan))
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -96,7 +97,7 @@ def fake_driver(monkeypatch):
         for stage in ("load model", "plan (ILP)", "export", "passes", "codegen", "write"):
             progress(stage, 0.0)
         plan = make_plan(max_len=max_len)
-        write_plan_dir(plan, out, {"decode_graph.py": "# graph\n"})
+        write_plan_dir(plan, out, plan_files(plan))
         return plan
 
     monkeypatch.setattr(driver, "compile_model", compile_model)
@@ -110,7 +111,7 @@ def test_compile_prints_summary_and_writes_default_dir(fake_driver, tmp_path, mo
     call = fake_driver[0]
     assert call["max_len"] == 65536 and call["batch"] == "auto" and call["target"] == "h100"
     assert Path(call["out"]) == Path("plans/llama-3.1-8b-h100")
-    assert load_plan(tmp_path / "plans" / "llama-3.1-8b-h100").workload["max_len"] == 65536
+    assert load_plan(tmp_path / "plans" / "llama-3.1-8b-h100").workload.max_len == 65536
     assert "GPU layers" in result.stdout and "specontext inspect" in result.stdout
 
 
@@ -256,9 +257,9 @@ def test_real_compile_then_inspect(tmp_path):
     result = invoke("compile", "tiny-llama", "--max-len", "2k", "-o", str(out))
     assert result.exit_code == 0, result.output
     plan = load_plan(out)
-    assert plan.workload["max_len"] == 2048 and (out / "report.md").is_file()
+    assert plan.workload.max_len == 2048 and (out / "report.md").is_file()
     shown = invoke("inspect", str(out))
-    assert shown.exit_code == 0 and f"{len(plan.segments[-1].gpu_layers)}/{plan.model['num_layers']}" in shown.stdout
+    assert shown.exit_code == 0 and f"{len(plan.segments[-1].gpu_layers)}/{plan.model.num_layers}" in shown.stdout
 
 
 def test_real_compile_with_a_fused_head_file(tmp_path, make_fused_head):
@@ -269,9 +270,9 @@ def test_real_compile_with_a_fused_head_file(tmp_path, make_fused_head):
     result = invoke("compile", "tiny-llama", "--max-len", "2k", "--dlm", str(head_path), "-o", str(out))
     assert result.exit_code == 0, result.output
     plan = load_plan(out)
-    assert plan.retrieval_head["feature_layers"] == [0, 2]
-    assert plan.graph["op_counts"]["specontext.record_features.default"] == 2
-    head = RetrievalHead.load(out / plan.retrieval_head["file"])
+    assert plan.retrieval_head.feature_layers == [0, 2]
+    assert plan.graph.op_counts["specontext.record_features.default"] == 2
+    head = RetrievalHead.load(out / plan.retrieval_head.file)
     assert head.feature_layers == (0, 2)
     # the cost model prices this head's own parameters (fc included), in the model's bf16
     breakdown = plan.prediction["memory_breakdown"][0]
@@ -298,7 +299,7 @@ def test_selection_overlap_reaches_the_plan_and_bad_values_exit_2(tmp_path):
     out = tmp_path / "low"
     result = invoke("compile", "tiny-llama", "--max-len", "2k", "--selection-overlap", "0.15", "-o", str(out))
     assert result.exit_code == 0, result.output
-    assert load_plan(out).workload["selection_overlap"] == 0.15
+    assert load_plan(out).workload.selection_overlap == 0.15
     bad = invoke("compile", "tiny-llama", "--max-len", "2k", "--selection-overlap", "1.5", "-o", str(tmp_path / "x"))
     assert bad.exit_code == 2 and "selection overlap 1.5" in bad.output and not (tmp_path / "x").exists()
 
@@ -322,7 +323,7 @@ def test_run_defaults_to_the_plans_source_and_wraps_chat(plan_dir, tmp_path, mon
 
     def with_source(directory):
         loaded = real_load(directory)
-        return dc.replace(loaded, model={**loaded.model, "source": str(source)})
+        return dc.replace(loaded, model=dc.replace(loaded.model, source=str(source)))
 
     bound, seen = {}, {}
 
@@ -349,7 +350,14 @@ def test_run_defaults_to_the_plans_source_and_wraps_chat(plan_dir, tmp_path, mon
     assert bound["model"] == str(source) and seen["prompts"] == ["<user>Hi<assistant>"]
 
 
-def test_run_without_model_on_a_plan_with_no_source_says_pass_model(plan_dir):
+def test_run_without_model_on_a_plan_with_no_source_says_pass_model(plan_dir, monkeypatch):
+    import dataclasses as dc
+
+    from specontext_compiler.runtime import plan as plan_module
+    real_load = plan_module.load_plan
+    monkeypatch.setattr(plan_module, "load_plan",        # as compiled from a preset: no weights recorded
+                        lambda directory: (lambda p: dc.replace(p, model=dc.replace(p.model, source=None)))(
+                            real_load(directory)))
     assert_one_line_error(invoke("run", str(plan_dir), "--prompt", "Hi"), "records no model source", "--model")
 
 

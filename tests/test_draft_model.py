@@ -56,7 +56,7 @@ def _draft_qk(draft_dir, ids):
 def test_draft_with_other_width_and_head_count_compiles_binds_and_selects(pair, tmp_path):
     llm_dir, draft_dir = pair
     plan = _compile(llm_dir, tmp_path / "plan", dlm=str(draft_dir))
-    info = plan.retrieval_head
+    info = plan.retrieval_head.to_dict()
     assert info["kind"] == "draft model" and info["source"] == str(draft_dir)
     assert info["selection_groups"] == 2 and not info["embedding_shared"]
     stored = RetrievalHead.load(tmp_path / "plan" / info["file"])
@@ -93,7 +93,7 @@ def test_unmappable_groups_work_at_batch_level(pair, tmp_path):
     llm_dir, _ = pair
     _llama(48, 6, 3, 1).save_pretrained(tmp_path / "three-kv")
     plan = _compile(llm_dir, tmp_path / "p", dlm=str(tmp_path / "three-kv"), level="batch")
-    assert plan.workload["level"] == "batch" and plan.retrieval_head["selection_groups"] == 1
+    assert plan.workload.level == "batch" and plan.retrieval_head.facts["selection_groups"] == 1
     engine = load_plan(tmp_path / "p").bind(LlamaForCausalLM.from_pretrained(llm_dir).eval(), device="cpu")
     assert len(engine.generate([list(range(3, 40))], max_new_tokens=3, stop_at_eos=False)[0].token_ids) == 3
     assert engine.ctx.last_indices.shape[1] == 1

@@ -26,10 +26,10 @@ def test_windows_are_planned_and_kept_so_decoding_matches_hf(gemma, tmp_path):
     model, tokenizer, directory = gemma
     plan = compile_model(str(directory), target="h100", max_len=1024, budget=1024, recent_tokens=16,
                          out=tmp_path / "g")
-    windows = plan.model["layer_windows"]
+    windows = plan.model.layer_windows
     assert [i for i, w in enumerate(windows) if w == 0] == [5, 11, 17] and set(windows) == {0, 512}
-    assert plan.graph["op_counts"]["specontext.sparse_attention.default"] == 3
-    assert plan.graph["op_counts"]["specontext.attention.default"] == 15
+    assert plan.graph.op_counts["specontext.sparse_attention.default"] == 3
+    assert plan.graph.op_counts["specontext.attention.default"] == 15
     engine = load_plan(tmp_path / "g").bind(model, device="cpu", tokenizer=tokenizer)
     prompt = torch.randint(10, 20000, (700,)).tolist()          # longer than the 512-token window
     ours = engine.generate([prompt], max_new_tokens=5, stop_at_eos=False)[0].token_ids

@@ -16,6 +16,7 @@ from specontext_compiler.passes.clean_capture import CleanCapture
 from specontext_compiler.pipeline import run_pipeline
 from specontext_compiler.runtime import context
 from specontext_compiler.runtime.graph_loader import load_graph
+from specontext_compiler.runtime.plan_records import GraphRecord
 
 BATCH, PROMPT, DECODE_STEPS, MAX_LEN = 2, 12, 5, 64
 
@@ -40,7 +41,7 @@ def _compile(config, tmp_path, offloaded=None):
     source, record = emit_graph_source(gm, captured.param_names, model="tiny-llama")
     path = tmp_path / record["file"]
     path.write_text(source)
-    return gm, load_graph(path, record), record
+    return gm, load_graph(path, GraphRecord.from_dict(record)), record
 
 
 def _params(model, record):
@@ -85,7 +86,7 @@ def test_tampered_file_refused(tiny, tmp_path):
     path = tmp_path / record["file"]
     path.write_text(path.read_text() + "\n# edited\n")
     with pytest.raises(PlanError, match="decode_graph.py"):
-        load_graph(path, record)
+        load_graph(path, GraphRecord.from_dict(record))
 
 
 def _generate(forward, params, spec, ids, offloaded=()):

@@ -49,7 +49,7 @@ def test_presets_and_config_only_directories_plan_without_the_warning(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error", SpecontextWarning)
             plan = compile_model(model, max_len=2048, out=tmp_path / "p")
-        head = plan.retrieval_head
+        head = plan.retrieval_head.to_dict()
         assert head["kind"] == "self" and head["source"] == "self:0" and head["recall_note"] == "not measured"
         assert "ACCURACY.md" in head["accuracy"]
     assert "warning" not in invoke("compile", "tiny-llama", "--max-len", "2k", "-o", str(tmp_path / "c")).stderr
@@ -83,7 +83,7 @@ def test_distilled_head_file_carries_teacher_layers_and_recall_into_the_plan(tmp
                              "recall": {"recall@2048": 0.822}})
     result = invoke("compile", "tiny-llama", "--max-len", "2k", "--dlm", str(path), "-o", str(tmp_path / "p"))
     assert result.exit_code == 0 and "warning" not in result.stderr, result.output
-    info = load_plan(tmp_path / "p").retrieval_head
+    info = load_plan(tmp_path / "p").retrieval_head.to_dict()
     assert info["kind"] == "distilled" and info["teacher_layers"] == [1, 2]
     assert info["recall"] == {"recall@2048": 0.822} and "recall_note" not in info
     shown = " ".join(invoke("inspect", str(tmp_path / "p")).stdout.split())
@@ -101,10 +101,10 @@ def test_level_option_reaches_the_plan_and_bad_levels_exit_2(tmp_path):
     result = invoke("compile", "tiny-llama", "--max-len", "2k", "--level", "batch", "-o", str(tmp_path / "b"))
     assert result.exit_code == 0, result.output
     plan = load_plan(tmp_path / "b")
-    assert plan.workload["level"] == "batch" and plan.retrieval_head["selection_groups"] == 1
-    assert all(k["constexprs"].get("GROUPS", 1) == 1 for k in plan.kernels)     # kernels built for one set
+    assert plan.workload.level == "batch" and plan.retrieval_head.facts["selection_groups"] == 1
+    assert all(k.constexprs.get("GROUPS", 1) == 1 for k in plan.kernels)     # kernels built for one set
     bad = invoke("compile", "tiny-llama", "--max-len", "2k", "--level", "layer", "-o", str(tmp_path / "x"))
     lines = bad.stderr.strip().splitlines()
     assert bad.exit_code == 2 and len(lines) == 1 and "--level 'layer'" in lines[0] and "head or batch" in lines[0]
     assert not (tmp_path / "x").exists()
-    assert compile_model("tiny-llama", max_len=2048, level="batch", out=tmp_path / "api").workload["level"] == "batch"
+    assert compile_model("tiny-llama", max_len=2048, level="batch", out=tmp_path / "api").workload.level == "batch"

@@ -96,11 +96,11 @@ def test_a_plan_and_an_empty_directory_are_replaced(model_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert compile_to(str(empty), str(model_dir)).exit_code == 0
-    assert load_plan(empty).workload["budget"] == 256
+    assert load_plan(empty).workload.budget == 256
     result = runner.invoke(cli.app, ["compile", str(model_dir), "--max-len", "2048", "--budget", "128",
                                      "-o", str(empty)], env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output
-    assert load_plan(empty).workload["budget"] == 128
+    assert load_plan(empty).workload.budget == 128
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "tiny"]
 
 

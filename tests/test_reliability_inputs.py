@@ -56,7 +56,7 @@ def test_a_non_finite_number_never_reaches_plan_json():
 
 
 def test_json_output_is_strict():
-    from specontext_compiler.cli import _strict_json
+    from specontext_compiler.cli.app import strict_json as _strict_json
     assert json.loads(_strict_json({"a": 1.5})) == {"a": 1.5}
     with pytest.raises(SpecontextError, match="not finite"):
         _strict_json({"a": float("inf")})

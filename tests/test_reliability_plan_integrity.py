@@ -6,6 +6,7 @@ names the file, and that `specontext inspect` exits 2 with that line.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_the_compiled_plan_loads_and_its_manifest_covers_every_file(compiled):
     plan = load_plan(compiled)
     listed = set(json.loads((compiled / MANIFEST_FILE).read_text())["files"])
     on_disk = {str(p.relative_to(compiled)) for p in compiled.rglob("*") if p.is_file()} - {MANIFEST_FILE}
-    assert listed == on_disk and "plan.json" in listed and {k["file"] for k in plan.kernels} <= listed
+    assert listed == on_disk and "plan.json" in listed and {k.file for k in plan.kernels} <= listed
 
 
 @pytest.mark.parametrize("change, field", [
@@ -139,7 +140,7 @@ def test_the_decode_graph_loader_refuses_a_blank_digest(compiled):
     from specontext_compiler.runtime.graph_loader import load_graph
     plan = load_plan(compiled)
     with pytest.raises(PlanError, match="decode_graph.py does not match"):
-        load_graph(compiled / "decode_graph.py", {**plan.graph, "sha256": ""})
+        load_graph(compiled / "decode_graph.py", dataclasses.replace(plan.graph, sha256=""))
 
 
 def test_plan_code_is_compiled_from_its_checked_bytes_never_from_a_bytecode_cache(plan_copy):

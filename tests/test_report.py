@@ -1,83 +1,72 @@
-"""The inspect report, report.md and the PNG plot, on plans built here from Plan dataclasses."""
+"""The inspect report, report.md and the PNG plot, on plans the compiler wrote.
+
+make_plan compiles a small Llama-shaped model (named llama-3.1-8b, 64 wide) for a target with
+little GPU memory and a slow host link, so layers go to the host as the sequence grows and the
+compute stream stalls on their copies: every view has something to show.
+"""
 from __future__ import annotations
 
+import atexit
 import json
-import random
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from specontext_compiler import report
-from specontext_compiler.runtime.plan import SCHEMA_VERSION, Plan, PrefetchSlot, Segment
+from specontext_compiler.driver import compile_model as _compile_model   # bound now: test_cli fakes the driver's
+from specontext_compiler.report_timeline import critical_path_line, find_stalls, gantt
+from specontext_compiler.runtime.plan import Plan, Segment, load_plan
 
 GIB = 1024 ** 3
+TARGET = Path(__file__).resolve().parents[1] / "specontext_compiler" / "targets" / "a100-80gb.toml"
 
 
-def make_plan(num_layers: int = 32, max_len: int = 131072, num_segments: int = 5,
-              seed: int = 0) -> Plan:
-    """A plausible plan: layers offload one by one as the sequence grows; numbers are arithmetic
-    on random per-layer costs (a fixture for the renderers, not a prediction of anything)."""
-    rng = random.Random(seed)
-    kv_bytes_per_token_layer, budget, weights_bytes = 4096, 2048, 16.06e9
-    bounds = [0] + [max_len * (i + 1) // num_segments for i in range(num_segments)]
-    segments, offloaded, breakdown = [], [], []
-    for i in range(num_segments):
-        offloaded = sorted(offloaded + rng.sample([l for l in range(num_layers) if l not in offloaded], i and 3))
-        gpu = [l for l in range(num_layers) if l not in offloaded]
-        to_len = bounds[i + 1]
-        parts = {"weights": weights_bytes, "retrieval_head": 0.06e9 * 1.3,
-                 "head_k_cache": to_len * 1024.0,
-                 "resident_kv": len(gpu) * to_len * kv_bytes_per_token_layer,
-                 "budget_buffers": len(offloaded) * budget * kv_bytes_per_token_layer,
-                 "workspace": 0.3 * weights_bytes}
-        host_bytes = len(offloaded) * to_len * kv_bytes_per_token_layer
-        breakdown.append({"from_len": bounds[i], "to_len": to_len, **parts,
-                          "total": sum(parts.values()), "host_pinned": host_bytes})
-        compute_ms = num_layers * rng.uniform(0.4, 0.6)
-        transfer_ms = len(offloaded) * rng.uniform(0.2, 0.5)
-        stall_ms = max(0.0, transfer_ms - compute_ms) + rng.uniform(0.01, 0.1) * bool(offloaded)
-        step_ms = compute_ms + stall_ms + 1.5
-        segments.append(Segment(bounds[i], to_len, gpu, list(offloaded), {
-            "gpu_bytes": sum(parts.values()), "host_bytes": host_bytes,
-            "h2d_bytes_per_step": len(offloaded) * budget * kv_bytes_per_token_layer * 0.3,
-            "step_ms": step_ms, "tokens_per_s": 1000 / step_ms, "compute_ms": compute_ms,
-            "transfer_ms": transfer_ms, "stall_ms": stall_ms, "retrieval_ms": 1.5}))
-    return Plan(
-        schema_version=list(SCHEMA_VERSION), producer={"name": "specontext", "version": "0.1.0"},
-        model={"name": "llama-3.1-8b", "architecture": "LlamaForCausalLM", "num_layers": num_layers,
-               "attention_kind": "gqa"},
-        target={"name": "a100", "gpu_memory_bytes": 80 * GIB},
-        workload={"max_len": max_len, "prompt_len": 4096, "batch": 1, "budget": budget,
-                  "sink_tokens": 1, "recent_tokens": 16, "selection_overlap": 0.7},
-        retrieval_head={"source": "preset", "params": 60_000_000, "reduction": "gqa-max"},
-        segments=segments,
-        schedule=[PrefetchSlot(l, max(0, l - 2)) for l in offloaded],
-        prediction={"timeline": _timeline(num_layers, set(offloaded), rng), "timeline_seq_len": max_len,
-                    "memory_breakdown": breakdown},
-        solver={"name": "pulp-cbc", "status": "Optimal", "time_s": 0.42, "objective": 29.0},
-        graph={"file": "decode_graph.py", "ops": {"sparse_attention": num_layers}},
-        passes=[{"name": "find_attention", "seconds": 0.01, "counters": {"sites": num_layers}},
-                {"name": "insert_prefetch", "seconds": 0.002, "counters": {"prefetches": len(offloaded)}}],
-    )
+def _plans_root() -> Path:
+    """One folder per test process for the compiled plans (test_cli.py loads this module again)."""
+    if "SPECONTEXT_TEST_PLANS" not in os.environ:
+        root = tempfile.mkdtemp(prefix="specontext-test-plans-")
+        os.environ["SPECONTEXT_TEST_PLANS"] = root
+        atexit.register(shutil.rmtree, root, True)
+    return Path(os.environ["SPECONTEXT_TEST_PLANS"])
 
 
-def _timeline(num_layers: int, offloaded: set[int], rng: random.Random) -> list[dict]:
-    events, now, copy_free = [], 0.0, 0.0
-    ready = {}
-    for layer in sorted(offloaded):  # copies issued two layers ahead, in order, on one stream
-        start = max(copy_free, max(0, layer - 2) * 0.5)
-        copy_free = start + rng.uniform(0.3, 1.2)
-        ready[layer] = copy_free
-        events.append({"stream": "copy", "label": f"kv L{layer}", "start_ms": start, "end_ms": copy_free})
-    for layer in range(num_layers):
-        if ready.get(layer, 0.0) > now:  # the compute stream waits for the copy, as latency.py records it
-            events.append({"stream": "compute", "label": f"stall L{layer}", "start_ms": now,
-                           "end_ms": ready[layer]})
-            now = ready[layer]
-        end = now + rng.uniform(0.4, 0.6)
-        events.append({"stream": "compute", "label": f"L{layer}", "start_ms": now, "end_ms": end})
-        now = end
-    return events
+def _small_target(root: Path, num_layers: int, max_len: int) -> Path:
+    """a100-80gb's figures with memory for the step's workspace (~4.9 GB, mostly the fixed reserve)
+    and 40% of the KV at max_len, and a slow gather from the host."""
+    text = TARGET.read_text().replace('name = "a100-80gb"', 'name = "a100-small"')
+    kv_bytes = num_layers * max_len * 2 * 2 * 16 * 2          # layers x tokens x (K, V) x KV heads x dim x bf16
+    memory = int(4.9e9 + 0.4 * kv_bytes)
+    text = re.sub(r"(?m)^gpu_memory_bytes = [0-9_]+", f"gpu_memory_bytes = {memory}", text)
+    text = re.sub(r"(?m)^pinned_gather_gbps = [0-9.]+", "pinned_gather_gbps = 0.02", text)
+    path = root / f"a100-small-{num_layers}-{max_len}.toml"
+    path.write_text(text)
+    return path
+
+
+def make_plan(num_layers: int = 32, max_len: int = 131072) -> Plan:
+    """A compiled plan (a fresh copy each call), compiled once per shape in a test process."""
+    from transformers import LlamaConfig
+    root = _plans_root()
+    out = root / f"plan-{num_layers}-{max_len}"
+    if not (out / "plan.json").is_file():
+        model = root / f"model-{num_layers}-{max_len}" / "llama-3.1-8b"
+        LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                    num_hidden_layers=num_layers, vocab_size=256,
+                    max_position_embeddings=max_len).save_pretrained(model)
+        _compile_model(str(model), target_file=str(_small_target(root, num_layers, max_len)), max_len=max_len,
+                      selection_overlap=0.7, out=out)
+    return load_plan(out)
+
+
+def plan_files(plan: Plan) -> dict[str, bytes]:
+    """The files the compiler wrote beside plan.json, to write the plan elsewhere."""
+    return {str(f.relative_to(plan.directory)): f.read_bytes() for f in plan.directory.rglob("*")
+            if f.is_file() and f.name not in ("plan.json", "manifest.json")}
 
 
 def _render(plan: Plan, width: int = 100) -> str:
@@ -89,6 +78,7 @@ def _render(plan: Plan, width: int = 100) -> str:
 
 def test_report_shows_every_view():
     plan = make_plan()
+    assert plan.segments[0].offloaded_layers == [] and plan.segments[-1].offloaded_layers   # the fixture offloads
     text = _render(plan)
     for title in ("KV residency per layer", "Predictions per segment", "GPU memory per segment",
                   "Predicted overlap", "Compiler passes"):
@@ -101,7 +91,7 @@ def test_report_shows_every_view():
 
 @pytest.mark.parametrize("num_layers", [32, 61])
 def test_report_fits_100_columns(num_layers):
-    plan = make_plan(num_layers=num_layers, num_segments=8)
+    plan = make_plan(num_layers=num_layers)
     text = _render(plan, width=100)
     assert max(len(line) for line in text.splitlines()) <= 100
     # the residency strip is never wrapped: each segment's full strip sits on its own line
@@ -118,37 +108,28 @@ def test_stalls_are_gaps_on_the_compute_stream():
     events = [{"stream": "compute", "label": "L0", "start_ms": 0.0, "end_ms": 1.0},
               {"stream": "copy", "label": "kv L1", "start_ms": 0.0, "end_ms": 1.7},
               {"stream": "compute", "label": "L1", "start_ms": 1.7, "end_ms": 2.5}]
-    stalls = report._stalls(events)
+    stalls = find_stalls(events)
     assert [s[0] for s in stalls] == ["before L1"] and stalls[0][2] == pytest.approx(0.7)
 
 
-def test_explicit_stall_events_are_drawn_on_their_own_row():
+def test_stalls_are_drawn_on_their_own_row():
     plan = make_plan()
-    explicit = [e for e in plan.prediction["timeline"] if e["label"].startswith("stall")]
-    assert explicit, "the fixture should stall somewhere"
-    assert len(report._stalls(report._timeline_events(plan))) == len(explicit)
-    rows = dict(report._gantt(report._timeline_events(plan), 64))
-    assert list(rows) == ["compute", "copy", "stall"] and len(rows["stall"]) == len(explicit)
+    events = report._timeline_events(plan)
+    stalls = find_stalls(events)
+    assert stalls, "the fixture's slow host link should stall the compute stream"
+    rows = dict(gantt(events, 64))
+    assert list(rows)[:3] == ["compute", "copy", "stall"] and len(rows["stall"]) == len(stalls)
+    assert f"in {len(stalls)} stalls" in _render(plan)
 
 
 def test_memory_rows_per_segment():
-    plan = make_plan(num_segments=3)
+    plan = make_plan()
     headers, rows = report._memory_rows(plan)
-    assert headers[:3] == ["up to", "weights", "retrieval head"]
+    assert len(rows) == len(plan.segments) and headers[:3] == ["up to", "weights", "retrieval head"]
     assert headers[-3:] == ["GPU total", "of GPU", "host pinned"]
     for row, entry in zip(rows, plan.prediction["memory_breakdown"]):
         assert row[headers.index("resident kv")] == f"{entry['resident_kv'] / GIB:.2f}"
         assert row[-1] == f"{entry['host_pinned'] / GIB:.2f}"
-
-
-def test_memory_breakdown_as_one_dict_describes_the_last_segment():
-    plan = make_plan(num_segments=3)
-    weights = random.Random(1).uniform(10, 20) * GIB
-    plan.prediction["memory_breakdown"] = {"weights_bytes": weights, "kv_bytes": 3.5 * GIB}
-    headers, rows = report._memory_rows(plan)
-    assert headers[1:3] == ["weights", "kv"]
-    assert rows[-1][1:3] == [f"{weights / GIB:.2f}", "3.50"] and rows[0][1] == "-"
-    assert rows[0][3] == f"{plan.segments[0].predicted['gpu_bytes'] / GIB:.2f}"
 
 
 def test_markdown_has_tables_and_no_ansi():
@@ -182,13 +163,13 @@ def test_write_plot_makes_a_png(tmp_path):
 
 def test_report_prints_the_overlap_beside_every_tok_s_and_the_critical_path():
     plan = make_plan()
-    for event in plan.prediction["timeline"]:     # mark the compute stream as the path
-        event["critical"] = event["stream"] == "compute" and not event["label"].startswith("stall")
     text = _render(plan)
     assert "overlap" in text and "selection overlap 0.7" in text
     headers, rows = report._prediction_rows(plan)
     at = headers.index("overlap")
     assert headers[at - 1] == "tok/s" and all(row[at] == "0.70" for row in rows)
-    assert "critical path (█ compute, ▓ copy): L0 > L1 > L2" in text
-    assert "critical" in dict(report._gantt(report._timeline_events(plan), 64))
-    assert "critical path" in report.render_report_markdown(plan)
+    events = report._timeline_events(plan)
+    path = critical_path_line(events)
+    assert path.startswith("critical path (█ compute, ▓ copy): ") and path in text
+    assert "critical" in dict(gantt(events, 64))
+    assert path in report.render_report_markdown(plan)

@@ -28,9 +28,9 @@ def gemma_dir(tmp_path_factory):
 
 def test_window_layers_stay_dense_and_decoding_matches_hf(gemma_dir, tmp_path):
     plan = compile_model(str(gemma_dir), target="h100", max_len=64, budget=64, recent_tokens=4, out=tmp_path / "p")
-    assert plan.model["layer_windows"] == [WINDOW, WINDOW, 0]
-    assert plan.graph["op_counts"]["specontext.sparse_attention.default"] == 1
-    assert plan.graph["op_counts"]["specontext.attention.default"] == 2
+    assert plan.model.layer_windows == [WINDOW, WINDOW, 0]
+    assert plan.graph.op_counts["specontext.sparse_attention.default"] == 1
+    assert plan.graph.op_counts["specontext.attention.default"] == 2
     model = Gemma3ForCausalLM.from_pretrained(gemma_dir).eval()
     engine = load_plan(tmp_path / "p").bind(model, device="cpu")
     prompt = torch.randint(3, 256, (21,)).tolist()              # longer than the window

@@ -1,10 +1,12 @@
-"""Emit the plan's Triton kernels: copies of runtime/kernels/ specialized to the plan's shapes.
+"""Emit the plan's Triton kernels: copies of runtime/kernels/ with the plan's shapes fixed.
 
 Each template module keeps its plan constants between two marker comments (0 / None = "from the
 inputs"). A plan's copy has that block rewritten with the model's head dims, GQA group, selection
-width, block sizes and dtype, plus a header naming the generator; its launcher then checks every
-call against those constants. Output is deterministic: same fields, byte-identical files.
-The runtime loads the copies with runtime/kernel_loader.py after checking their sha256.
+width, sparse_decode's row block and the dtype, plus a header naming the generator; its launcher
+then checks every call against those constants. The kernels' tl.constexpr arguments still come
+from the inputs at launch (docs/ARCHITECTURE.md, "Kernels", says exactly what a copy fixes).
+Output is deterministic: same fields, byte-identical files. The runtime loads the copies with
+runtime/kernel_loader.py after checking their sha256.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def emit_kernels(spec_fields: dict, workload_fields: dict) -> tuple[dict[str, st
 
 def plan_constants(spec: dict, work: dict) -> dict[str, dict]:
     """Specialization constants per kernel family, from the model and the workload."""
-    from specontext_compiler.runtime.kernels import mla_sparse_decode, sparse_decode
+    from specontext_compiler.runtime.kernels import sparse_decode
     from specontext_compiler.runtime.selection import selection_groups
     heads, kv_heads = int(spec["num_heads"]), int(spec["num_kv_heads"])
     level = work.get("level", "head")
@@ -51,9 +53,8 @@ def plan_constants(spec: dict, work: dict) -> dict[str, dict]:
     # The retrieval head's head dim may differ from the LLM's (it comes from the DLM): not fixed.
     out = {"retrieval_scores": {**common, "GROUPS": groups}}
     if spec.get("attention_kind") == "mla":
-        latent, rope = int(spec["kv_lora_rank"]), int(spec["qk_rope_head_dim"])
-        block_w, _ = mla_sparse_decode._config(1, width, pow2(latent))
-        out["mla_sparse_decode"] = {**common, "LATENT_DIM": latent, "ROPE_DIM": rope, "BLOCK_W": block_w}
+        # The graph decompresses MLA's latent per head, so the generic sparse_decode (shapes from
+        # its inputs) runs it; the latent-space kernel is not one the engine runs.
         out["elastic_load"] = {**common, "GROUPS": groups}
         out["kv_append"] = {"DTYPE": dtype}
         return out

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from specontext_compiler.errors import SpecontextError
+from specontext_compiler.runtime.plan_records import DEFAULT_RECENT_TOKENS
 
-RECENT_TOKENS = 16          # the always-attended recent window the teacher leaves out
+RECENT_TOKENS = DEFAULT_RECENT_TOKENS   # the always-attended recent window the teacher leaves out
 QUERIES_PER_SEQUENCE = 256
 MIN_CONTEXT = 64            # a query needs this many selectable keys to teach anything
 VALIDATION_FRACTION = 8     # one sequence in 8 is held out (6 of the default 48)
@@ -73,12 +74,8 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
             model, probe, recent, progress=lambda done, total: report_progress("layers", done, total, ""))
         teacher_layers = tuple(choice["layers"])
     choose_s = time.perf_counter() - started
-    samples = []
-    for index, (ids, must) in enumerate(texts):
-        positions = teacher.query_positions(seq_len, queries, must, recent, MIN_CONTEXT, seed + index)
-        samples.append(teacher.collect(model, torch.tensor(ids), positions, layers, recent, teacher_aggregate,
-                                       teacher_layers))
-        report_progress("teacher", index + 1, sequences, "")
+    samples = _teacher_samples(model, texts, layers, teacher_layers, teacher_aggregate, seq_len=seq_len,
+                               queries=queries, recent=recent, seed=seed, progress=report_progress)
     collect_s = time.perf_counter() - started
     head, history = _train(model, samples, layers, epochs=epochs, lr=lr, seed=seed, recent=recent,
                            loss_level=loss_level, progress=report_progress)
@@ -94,6 +91,21 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
               "choose_layers_s": choose_s, "collect_s": collect_s - choose_s,
               "train_s": time.perf_counter() - started - collect_s}
     return head, report
+
+
+def _teacher_samples(model, texts, layers, teacher_layers, aggregate: str, *, seq_len: int, queries: int,
+                     recent: int, seed: int, progress: Progress) -> list:
+    """One teacher sample per training text: its query positions and the LLM's target distribution."""
+    import torch
+
+    from specontext_compiler.distill import teacher
+    samples = []
+    for index, (ids, must) in enumerate(texts):
+        positions = teacher.query_positions(seq_len, queries, must, recent, MIN_CONTEXT, seed + index)
+        samples.append(teacher.collect(model, torch.tensor(ids), positions, layers, recent, aggregate,
+                                       teacher_layers))
+        progress("teacher", index + 1, len(texts), "")
+    return samples
 
 
 def _train(model, samples, feature_layers, *, epochs, lr, seed, recent, loss_level, progress):

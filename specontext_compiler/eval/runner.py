@@ -17,6 +17,7 @@ from pathlib import Path
 from specontext_compiler.errors import SpecontextError
 from specontext_compiler.eval.methods import METHODS
 from specontext_compiler.eval.text import long_text_ids, python_version
+from specontext_compiler.runtime.plan_records import DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 
 TASKS = ("recall", "passkey")
 
@@ -43,8 +44,8 @@ class EvalResult:
 def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), lengths=(2048, 4096, 8192),
              depths=(0.1, 0.3, 0.5, 0.7, 0.9), methods=METHODS, head_layer: int = 0, dlm=None,
              head: str | None = None, compare_heads=(), passkey_budgets=(1024, 2048),
-             recall_length: int = 8192, recall_queries: int = 16, compare_head_layers=(), sink: int = 1,
-             recent: int = 16, page_size: int = 16, seed: int = 0, threads: int | None = None,
+             recall_length: int = 8192, recall_queries: int = 16, compare_head_layers=(), sink: int = DEFAULT_SINK_TOKENS,
+             recent: int = DEFAULT_RECENT_TOKENS, page_size: int = 16, seed: int = 0, threads: int | None = None,
              passkey_question: str = "prompt", passkey_keys: int = 1, show_progress: bool = True) -> EvalResult:
     """Run the tasks; budgets for recall, passkey_budgets for passkey (each is W - sink - recent).
 
@@ -55,20 +56,10 @@ def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), 
     serves it) or "decode" (its tokens are sparse decode steps); passkey_keys: keys per depth.
     """
     import torch
-    from specontext_compiler.eval.passkey import QUESTION_MODES
     from specontext_compiler.eval.prefix_head import make_head
     from specontext_compiler.smollm2 import load_causal_lm
 
-    unknown = set(tasks) - set(TASKS) or set(methods) - set(METHODS)
-    if unknown:
-        raise SpecontextError(f"unknown eval task or method {sorted(unknown)}; choose from {TASKS} / {METHODS}")
-    if passkey_question not in QUESTION_MODES:
-        raise SpecontextError(f"passkey question mode {passkey_question!r} is unknown; choose from {QUESTION_MODES}")
-    if passkey_keys < 1:
-        raise SpecontextError(f"passkey keys per depth {passkey_keys} must be a positive integer")
-    for budget in (*budgets, *passkey_budgets):
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise SpecontextError(f"budget {budget!r} must be a positive number of selected tokens")
+    _check_options(tasks, methods, passkey_question, passkey_keys, (*budgets, *passkey_budgets))
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, hf_dir = load_causal_lm(model_dir_or_gguf)
@@ -101,6 +92,21 @@ def run_eval(model_dir_or_gguf, *, tasks=TASKS, budgets=(256, 512, 1024, 2048), 
                                            question_mode=passkey_question, keys_per_depth=passkey_keys,
                                            progress=lambda: bar.advance(task))
     return result
+
+
+def _check_options(tasks, methods, passkey_question: str, passkey_keys: int, budgets) -> None:
+    """Refuse unknown tasks, methods or question modes and non-positive counts, before the model loads."""
+    from specontext_compiler.eval.passkey import QUESTION_MODES
+    unknown = set(tasks) - set(TASKS) or set(methods) - set(METHODS)
+    if unknown:
+        raise SpecontextError(f"unknown eval task or method {sorted(unknown)}; choose from {TASKS} / {METHODS}")
+    if passkey_question not in QUESTION_MODES:
+        raise SpecontextError(f"passkey question mode {passkey_question!r} is unknown; choose from {QUESTION_MODES}")
+    if passkey_keys < 1:
+        raise SpecontextError(f"passkey keys per depth {passkey_keys} must be a positive integer")
+    for budget in budgets:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise SpecontextError(f"budget {budget!r} must be a positive number of selected tokens")
 
 
 def _main_head(model, dlm):
@@ -139,17 +145,15 @@ def run_eval_for_plan(plan_dir, tasks=TASKS, **options) -> EvalResult:
     """run_eval on a compiled plan's model, with the plan's budget / sink / recent as the passkey budget."""
     from specontext_compiler.runtime.plan import load_plan
     plan = load_plan(plan_dir)
-    source = plan.model.get("source")
+    source = plan.model.source
     if not source:
         raise SpecontextError(f"plan {plan_dir} records no model.source; recompile it from a model directory or GGUF")
     workload = plan.workload
-    options.setdefault("sink", int(workload.get("sink_tokens", 1)))
-    options.setdefault("recent", int(workload.get("recent_tokens", 16)))
-    if workload.get("budget"):
-        options.setdefault("passkey_budgets", (int(workload["budget"]),))
-    layer = plan.retrieval_head.get("layer")
-    head_file = plan.retrieval_head.get("file")
-    if layer is not None and str(plan.retrieval_head.get("source", "self")).startswith("self"):
+    options.setdefault("sink", workload.sink_tokens)
+    options.setdefault("recent", workload.recent_tokens)
+    options.setdefault("passkey_budgets", (workload.budget,))
+    layer, head_file = plan.retrieval_head.layer, plan.retrieval_head.file
+    if layer is not None and plan.retrieval_head.source.startswith("self"):
         options.setdefault("head_layer", int(layer))
     elif head_file and plan.directory is not None:     # a DLM's or a distilled head, stored in the plan
         options.setdefault("head", str(plan.directory / head_file))

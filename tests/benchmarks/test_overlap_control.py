@@ -53,8 +53,8 @@ def offloading_engine(tmp_path_factory):
     compile_model("tiny-llama", target="h100", max_len=CONTEXT + 64, prompt_len=CONTEXT, budget=BUDGET,
                   recent_tokens=16, batch=2, out=out)
     plan = load_plan(out)
-    last = plan.model["num_layers"] - 1
-    plan.segments = [Segment(0, plan.workload["max_len"], list(range(last)), [last], {})]
+    last = plan.model.num_layers - 1
+    plan.segments = [Segment(0, plan.workload.max_len, list(range(last)), [last], {})]
     return plan.bind(model, device="cpu")
 
 
@@ -76,7 +76,7 @@ def test_engine_selects_with_the_target_overlap(offloading_engine, target):
     calibration = overlap_control.prepare_engine(engine, CONTEXT, target)
     ids = overlap_control.fixed_token_ids(engine.slots, "cpu")
     measured = _engine_overlap(engine, lambda logits: ids)
-    assert engine.stats()["offloaded_layers"] == [engine.plan.model["num_layers"] - 1]
+    assert engine.stats()["offloaded_layers"] == [engine.plan.model.num_layers - 1]
     assert abs(measured - target) < 0.1, (calibration, measured)
 
 

@@ -26,7 +26,7 @@ def test_repriced_plan_moves_with_the_overlap(tmp_path):
                   out=tmp_path / "plan")
     plan = load_plan(tmp_path / "plan")
     low, high = repriced(plan, 0.3), repriced(plan, 0.95)
-    assert low.workload["selection_overlap"] == 0.3 and plan.workload["selection_overlap"] == 0.8
+    assert low.workload.selection_overlap == 0.3 and plan.workload.selection_overlap == 0.8
     last_low, last_high = low.segments[-1].predicted, high.segments[-1].predicted
     assert last_low["selection_overlap"] == 0.3 and last_low["step_ms"] > last_high["step_ms"]
     assert last_low["h2d_bytes_per_step"] > 10 * last_high["h2d_bytes_per_step"]

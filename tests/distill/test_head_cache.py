@@ -117,7 +117,7 @@ def test_no_distill_with_a_gpu_plans_with_self_and_warns(model_dir, tmp_path, mo
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "self:0" in lines[0]
     with pytest.warns(SpecontextWarning, match="self:0"):                         # the Python API too
         plan = compile_model(str(model_dir), max_len=1024, out=tmp_path / "q", distill=False)
-    assert plan.retrieval_head["kind"] == "self"
+    assert plan.retrieval_head.facts["kind"] == "self"
 
 
 def test_with_a_gpu_a_missing_head_is_distilled_into_the_cache_then_reused(model_dir, deep_model, tokenizer,
@@ -129,8 +129,9 @@ def test_with_a_gpu_a_missing_head_is_distilled_into_the_cache_then_reused(model
     stored = [p for p in head_cache.heads_dir().iterdir()]
     assert len(stored) == 1 and stored[0].name == f"tiny-real-{fingerprint(model_dir)}.safetensors"
     head = plan.retrieval_head
-    assert (head["kind"], head["source"], head["teacher_layers"]) == ("distilled", str(stored[0]), [4, 5, 6])
-    assert "held-out recall@128" in head["recall"]
+    assert (head.facts["kind"], head.source, head.facts["teacher_layers"]) == ("distilled", str(stored[0]),
+                                                                               [4, 5, 6])
+    assert "held-out recall@128" in head.facts["recall"]
     progress = capsys.readouterr().err
     assert "distilling a retrieval head for tiny-real" in progress and "training 1/1" in progress
     monkeypatch.setattr(default_head, "distill_into_cache", lambda *a: pytest.fail("distilled twice"))

@@ -1,48 +1,52 @@
 """run_eval_for_plan reads the plan; tables render; the real model (slow) gives sane numbers."""
-import json
+import dataclasses
 
 import pytest
 
+from specontext_compiler.driver import compile_model
 from specontext_compiler.errors import SpecontextError
 from specontext_compiler.eval import runner
 
 
-def _plan(tmp_path, source, head=None):
-    """A minimal consistent plan directory, sealed by its manifest as the compiler seals one."""
-    from specontext_compiler.runtime.plan_integrity import plan_manifest
-    data = {"schema_version": [1, 0], "producer": {}, "model": {"num_layers": 1, **({"source": source} if source else {})},
-            "target": {}, "workload": {"max_len": 2048, "batch": 1, "budget": 1024, "sink_tokens": 4,
-                                       "recent_tokens": 32},
-            "retrieval_head": head or {"source": "self", "layer": 2},
-            "segments": [{"from_len": 0, "to_len": 2048, "gpu_layers": [0], "offloaded_layers": []}],
-            "schedule": [], "prediction": {}, "solver": {}, "graph": {}}
-    files = {head["file"]: b"head"} if head and head.get("file") else {}
-    for rel, content in files.items():
-        (tmp_path / rel).write_bytes(content)
-    (tmp_path / "plan.json").write_text(json.dumps(data))
-    (tmp_path / "manifest.json").write_text(plan_manifest(json.dumps(data), files)["manifest.json"])
-    return tmp_path
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """tiny-llama compiled from its preset (no model.source) with a budget, sinks and recent window."""
+    out = tmp_path_factory.mktemp("eval") / "plan"
+    compile_model("tiny-llama", max_len=2048, budget=1024, sink_tokens=4, recent_tokens=32, out=out)
+    return out
 
 
-def test_plan_budget_and_head_reach_run_eval(tmp_path, monkeypatch):
+def _with_source(monkeypatch, source):
+    """load_plan as if the plan had been compiled from the weights at `source`."""
+    from specontext_compiler.runtime import plan as plan_module
+    real_load = plan_module.load_plan
+    monkeypatch.setattr(plan_module, "load_plan", lambda directory: (lambda plan: dataclasses.replace(
+        plan, model=dataclasses.replace(plan.model, source=source)))(real_load(directory)))
+
+
+def test_plan_budget_and_head_reach_run_eval(compiled, monkeypatch):
     seen = {}
     monkeypatch.setattr(runner, "run_eval", lambda source, **kw: seen.update(kw, source=source))
-    runner.run_eval_for_plan(_plan(tmp_path, "/models/x.gguf"), tasks=("passkey",))
+    _with_source(monkeypatch, "/models/x.gguf")
+    runner.run_eval_for_plan(compiled, tasks=("passkey",))
     assert seen == {"source": "/models/x.gguf", "tasks": ("passkey",), "sink": 4, "recent": 32,
-                    "passkey_budgets": (1024,), "head_layer": 2}
+                    "passkey_budgets": (1024,), "head_layer": 0}
 
 
-def test_a_plan_with_a_stored_head_file_is_evaluated_with_that_head(tmp_path, monkeypatch):
+def test_a_plan_with_a_stored_head_file_is_evaluated_with_that_head(tmp_path, monkeypatch, make_fused_head):
+    from specontext_compiler.models import load_preset_config
+    head_path = make_fused_head(load_preset_config("tiny-llama"), (0, 2)).save(tmp_path / "head.safetensors")
+    compile_model("tiny-llama", max_len=2048, dlm=str(head_path), out=tmp_path / "plan")
     seen = {}
     monkeypatch.setattr(runner, "run_eval", lambda source, **kw: seen.update(kw, source=source))
-    head = {"source": "heads/smollm2-fused.safetensors", "layer": 0, "file": "retrieval_head.safetensors"}
-    runner.run_eval_for_plan(_plan(tmp_path, "/models/x.gguf", head), tasks=("recall",))
-    assert seen["head"] == str(tmp_path / "retrieval_head.safetensors") and "head_layer" not in seen
+    _with_source(monkeypatch, "/models/x.gguf")
+    runner.run_eval_for_plan(tmp_path / "plan", tasks=("recall",))
+    assert seen["head"] == str(tmp_path / "plan" / "retrieval_head.safetensors") and "head_layer" not in seen
 
 
-def test_plan_without_source_is_refused(tmp_path):
+def test_plan_without_source_is_refused(compiled):
     with pytest.raises(SpecontextError, match="model.source"):
-        runner.run_eval_for_plan(_plan(tmp_path, None))
+        runner.run_eval_for_plan(compiled)
 
 
 def test_unknown_method_is_refused():

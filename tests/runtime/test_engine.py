@@ -1,10 +1,9 @@
 """The engine end to end on CPU: compile a plan for a tiny model, bind random weights, generate."""
 import dataclasses
-import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from specontext_compiler import compile_model, load_plan
 from specontext_compiler.errors import ModelMismatchError, RequestError, RuntimeResourceError
@@ -21,10 +20,10 @@ def dense_plan(tmp_path_factory):
 
 def with_offload_at(plan, length, layers):
     """The same plan, but layers go to the host once the sequence reaches `length`."""
-    num = plan.model["num_layers"]
+    num = plan.model.num_layers
     keep = [i for i in range(num) if i not in layers]
     plan = dataclasses.replace(plan, segments=[Segment(0, length, list(range(num)), [], {}),
-                                               Segment(length, plan.workload["max_len"], keep, list(layers), {})])
+                                               Segment(length, plan.workload.max_len, keep, list(layers), {})])
     plan.directory = plan.directory
     return plan
 
@@ -127,9 +126,9 @@ def test_end_of_sequence_stops_each_request_at_its_own_token(tiny_model, dense_p
 
 def with_growth_at(plan, length):
     """The same plan, but every layer starts with room for `length` tokens and grows there."""
-    num = plan.model["num_layers"]
+    num = plan.model.num_layers
     plan = dataclasses.replace(plan, segments=[Segment(0, length, list(range(num)), [], {}),
-                                               Segment(length, plan.workload["max_len"], list(range(num)), [], {})])
+                                               Segment(length, plan.workload.max_len, list(range(num)), [], {})])
     return plan
 
 
@@ -184,5 +183,11 @@ def test_bind_refuses_a_batch_that_does_not_fit_and_names_the_largest_that_does(
 
 
 def _spec(plan):
-    from specontext_compiler.cost_models.model_spec import ModelSpec
-    return ModelSpec.from_dict(plan.model)
+    return plan.model          # a PlanModel is the plan's ModelSpec
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without a GPU")
+def test_the_cpu_warning_names_the_callers_line(tiny_model, dense_plan):
+    with pytest.warns(UserWarning, match="no CUDA GPU found") as caught:
+        dense_plan.bind(tiny_model)
+    assert [w.filename for w in caught if "no CUDA GPU" in str(w.message)] == [__file__]

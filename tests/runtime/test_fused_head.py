@@ -52,11 +52,11 @@ def hf_head_qk(model, head, ids):
 
 
 def test_plan_stores_the_fused_head_and_taps_its_layers(covering_plan):
-    info = covering_plan.retrieval_head
+    info = covering_plan.retrieval_head.to_dict()
     assert info["feature_layers"] == list(FEATURE_LAYERS) and info["format"] == "head-file"
     stored = RetrievalHead.load(covering_plan.directory / info["file"])
     assert stored.fused and stored.feature_layers == FEATURE_LAYERS and stored.embedding_shared
-    assert covering_plan.graph["op_counts"]["specontext.record_features.default"] == len(FEATURE_LAYERS)
+    assert covering_plan.graph.op_counts["specontext.record_features.default"] == len(FEATURE_LAYERS)
     assert "record_features.default(" in (covering_plan.directory / "decode_graph.py").read_text()
 
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from specontext_compiler.runtime.kernel_set import FAMILIES, kernels_for
+from specontext_compiler.runtime.plan_records import KernelRecord
 
 
 def _plan(tmp_path):
     # A record naming a file that is not there: loading the plan's kernels would raise PlanError.
-    return SimpleNamespace(kernels=[{"family": "elastic_load", "file": "kernels/missing.py", "sha256": "0"}],
-                           directory=tmp_path, workload={"dtype": "bfloat16"})
+    return SimpleNamespace(kernels=[KernelRecord("elastic_load", "kernels/missing.py", "0")],
+                           directory=tmp_path, workload=SimpleNamespace(dtype="bfloat16"))
 
 
 def test_cpu_engines_use_the_references(tmp_path):

@@ -28,10 +28,10 @@ def plan(tmp_path_factory):
 
 def offloaded_from_the_start(plan, layers):
     """The same plan with `layers` on the host from the first token (prefill writes their history)."""
-    num = plan.model["num_layers"]
+    num = plan.model.num_layers
     keep = [i for i in range(num) if i not in layers]
     moved = dataclasses.replace(plan, segments=[Segment(0, 1, list(range(num)), [], {}),
-                                                Segment(1, plan.workload["max_len"], keep, list(layers), {})])
+                                                Segment(1, plan.workload.max_len, keep, list(layers), {})])
     moved.directory = plan.directory
     return moved
 
@@ -67,11 +67,11 @@ def test_free_bytes_at_peak_is_the_memory_left_by_the_fullest_segment():
 def test_the_plan_records_its_chunk_and_the_engine_uses_it(plan, tiny_model):
     from specontext_compiler.cost_models.target import load_target
     spec = spec_from_config(resolve_model("tiny-llama").config, "tiny-llama")
-    work = Workload(max_len=512, prompt_len=plan.workload["prompt_len"], batch=plan.workload["batch"],
+    work = Workload(max_len=512, prompt_len=plan.workload.prompt_len, batch=plan.workload.batch,
                     budget=512, recent_tokens=0)
     residency = [(len(s.gpu_layers), s.to_len) for s in plan.segments]
     free = memory.free_bytes_at_peak(spec, work, load_target("h100").gpu_memory_bytes, residency)
-    assert plan.workload["prefill_chunk_tokens"] == memory.prefill_chunk_tokens(spec, work, free) == 512
+    assert plan.workload.prefill_chunk_tokens == memory.prefill_chunk_tokens(spec, work, free) == 512
     engine = plan.bind(tiny_model, device="cpu")
     assert engine.prefill_chunk == 512 and engine.scheduler.prefill_tokens == 512
     engine.generate([torch.randint(3, 256, (300,)).tolist()], max_new_tokens=2, stop_at_eos=False)
@@ -79,7 +79,7 @@ def test_the_plan_records_its_chunk_and_the_engine_uses_it(plan, tiny_model):
 
 
 def test_a_plan_without_the_field_prefills_in_chunks_of_256(plan, tiny_model):
-    old = dataclasses.replace(plan, workload={k: v for k, v in plan.workload.items() if k != "prefill_chunk_tokens"})
+    old = dataclasses.replace(plan, workload=dataclasses.replace(plan.workload, prefill_chunk_tokens=None))
     old.directory = plan.directory
     engine = old.bind(tiny_model, device="cpu")
     assert engine.prefill_chunk == DEFAULT_PREFILL_CHUNK == 256

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from specontext_compiler import compile_model, load_plan
-from specontext_compiler.models import load_preset_config
 from specontext_compiler.runtime.plan import Segment
 from specontext_compiler.runtime.sampling_params import SamplingParams
 
@@ -95,7 +94,7 @@ def test_mixed_lengths_take_fewer_steps_than_waves_and_stay_exact(tiny_model, al
 
 def test_offload_while_another_request_is_prefilled_in_chunks(tiny_model, alone, plan):
     """Layers move to the host mid-run while a second request's prompt arrives in chunks."""
-    num = plan.model["num_layers"]
+    num = plan.model.num_layers
     moved = dataclasses.replace(plan, segments=[Segment(0, 24, list(range(num)), [], {}),
                                                 Segment(24, 512, [0], [1, 2], {})])
     moved.directory = plan.directory
