@@ -60,7 +60,7 @@ def test_distill_writes_the_head_and_prints_the_report(tmp_path, monkeypatch, de
     assert [p.name for p in tmp_path.iterdir()] == ["head.safetensors"]     # no temporary left behind
     record = distill_metadata(out)
     assert record["teacher_layers"] == [4, 5, 6] and record["teacher_layer_choice"] is None
-    assert record["loss_level"] == "head" and record["device"] == "cpu" and "recall@128" in record["after"]
+    assert record["loss_level"] == "group" and record["device"] == "cpu" and "recall@128" in record["after"]
 
 
 def test_default_teacher_layers_are_chosen_and_their_scores_kept_in_the_file(tmp_path, monkeypatch, deep_model,
