@@ -174,8 +174,9 @@ def compact_loads_reference(load_pos: torch.Tensor, load_slot: torch.Tensor) -> 
 # stretch of host memory, so each row waits on address translation as much as on PCIe, and the
 # more rows a program has in flight the more of that wait overlaps. Rotating over twelve 5.9 GB
 # stores as the 128k step does, 8 programs moved 20.0 GB/s with 64 rows and 4 warps, 23.2 with
-# 128 rows and 8 warps, and slowed a decode loop beside them 1.15x instead of 1.27x; more programs
-# or larger blocks did not go past ~24 GB/s (benchmarks/bench_host_pages.py --probes blocks).
+# 128 rows and 8 warps; more programs or larger blocks did not pass ~24 GB/s
+# (benchmarks/bench_host_pages.py --probes blocks). In the batch-11 128k step the two gave the
+# same 14.5 ms; the layers beside the gathers are the step's cost at batch 9 (RESULTS.md).
 NUM_WARPS = 8
 
 
