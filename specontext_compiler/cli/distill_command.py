@@ -170,17 +170,21 @@ def distill_cmd(
                                               teacher_aggregate=teacher, recall_documents=recall_documents,
                                               teacher_layers=layers, loss_level=loss, name=name,
                                               progress=_DistillProgress(bar))
-    if cache_key is None:
-        _save_atomically(head_bytes(head, metadata_record(report)), out)
-        use = f"specontext compile {model} --dlm {out}"
-    else:
-        from specontext_compiler.distill.head_cache import store_head
-        fingerprint, weights, cache_name = cache_key
-        out = store_head(head_bytes(head, metadata_record(report)), fingerprint, cache_name)
-        use = f"specontext compile {weights} (no --dlm: the cached head is found by the model's fingerprint)"
+    out, use = _save_head(head_bytes(head, metadata_record(report)), model, out, cache_key)
     console = out_console()
     console.print(_distill_summary(report, out))
     console.print(f"[dim]use it: {use}[/dim]")
+
+
+def _save_head(data: bytes, model: str, out: Optional[Path], cache_key) -> tuple[Path, str]:
+    """Write the head to -o, or into the head cache under the model's fingerprint; (path, how to use it)."""
+    if cache_key is None:
+        _save_atomically(data, out)
+        return out, f"specontext compile {model} --dlm {out}"
+    from specontext_compiler.distill.head_cache import store_head
+    fingerprint, weights, cache_name = cache_key
+    path = store_head(data, fingerprint, cache_name)
+    return path, f"specontext compile {weights} (no --dlm: the cached head is found by the model's fingerprint)"
 
 
 @app.command("heads")
