@@ -138,9 +138,11 @@ def spec_from_config(config, name: str) -> ModelSpec:
     geometry = llm_geometry(config)
     kind, heads, kv_heads = geometry["kind"], geometry["num_heads"], geometry["num_kv_heads"]
     if kind == "mla":
-        # The MLA cache holds the latent c (kv_lora_rank) plus one shared RoPE key per token.
+        # Priced as the runtime stores it: each head's decompressed K (nope + rope) and V, since the
+        # graph decompresses the latent before attention. The paper caches only the latent c plus
+        # one RoPE key (kv_lora_rank + rope), which the engine does not run yet (ARCHITECTURE.md).
         head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
-        kv_elems = config.kv_lora_rank + config.qk_rope_head_dim
+        kv_elems = heads * (head_dim + config.v_head_dim)
         kv_heads = heads
     else:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

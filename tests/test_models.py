@@ -47,7 +47,8 @@ def test_smollm2():
 def test_deepseek_mla_from_config():
     spec = _spec("deepseek-v2-lite")
     assert spec.attention_kind == "mla" and spec.num_kv_heads == spec.num_heads == 16
-    assert spec.kv_elems_per_token == 512 + 64 and (spec.kv_lora_rank, spec.qk_rope_head_dim) == (512, 64)
+    # priced as the runtime stores it: 16 heads x (K 128 + 64, V 128), not the 512 + 64 latent
+    assert spec.kv_elems_per_token == 16 * (192 + 128) and (spec.kv_lora_rank, spec.qk_rope_head_dim) == (512, 64)
 
 
 def test_mqa_kind():
