@@ -45,8 +45,8 @@ def default_head_file(source, model: str, *, distill: bool = True) -> Path | Non
     cached = head_cache.cached_head(fingerprint)
     if cached is not None:
         from specontext_compiler.head_info import head_file_facts
-        warnings.warn(f"no --dlm: using the distilled head cached for this model, {cached} (recall "
-                      f"{recall_text(head_file_facts(cached))}); `--dlm self:0` selects with the model's "
+        warnings.warn(f"no --dlm: using the distilled head cached for this model, {cached} "
+                      f"({recall_text(head_file_facts(cached))}); `--dlm self:0` selects with the model's "
                       "own layer 0 instead", HeadNotice, stacklevel=4)
         return cached
     device = on_demand_device() if distill else None
