@@ -81,7 +81,7 @@ def _add_memory(problem, spec, workload, target, bounds, on_gpu) -> None:
     if not target.unified_memory:
         offloaded = spec.num_layers - lp.lp_sum(on_gpu[-1])
         pinned = memory.host_bytes(spec, workload, offloaded, workload.max_len)
-        problem.constrain(pinned * gb <= memory.pinnable_host_bytes(target.host_memory_bytes) * gb,
+        problem.constrain(pinned * gb <= memory.pinnable_host_bytes(target.host_memory_bytes, workload.gpus) * gb,
                           "host_memory")
 
 
