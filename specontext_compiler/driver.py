@@ -82,7 +82,7 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     plan_workload = _plan_workload(workload, solution, level,
                                    _prefill_chunk(spec, workload, hw, solution, windows))
     graph, kernels, passes = _program(clock, source.config, whole_spec, solution, plan_workload, head_info,
-                                      windows, files)
+                                      windows, files, tensor_parallel=gpus > 1)
     plan = Plan(schema_version=list(SCHEMA_VERSION), producer=_producer(),
                 model=_plan_model(whole_spec, source, windows), target=_target_record(hw, gpus),
                 workload=plan_workload, retrieval_head=HeadRecord.from_dict(head_info),
@@ -135,7 +135,7 @@ def _default_prompt(max_len: int) -> int:
 
 
 def _program(clock: "_Clock", config, spec, solution, workload: PlanWorkload, head_info: dict, windows: list[int],
-             files: dict):
+             files: dict, tensor_parallel: bool = False):
     """Export, rewrite and emit the decode step: (graph, kernel and pass records); adds the files."""
     from specontext_compiler.capture import capture_decode_graph
     from specontext_compiler.codegen.emit_graph import emit_graph_source
@@ -148,7 +148,8 @@ def _program(clock: "_Clock", config, spec, solution, workload: PlanWorkload, he
     offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
     graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, dict(solution.schedule),
                                               feature_layers=head_info["feature_layers"],
-                                              window_layers=[i for i, w in enumerate(windows) if w])
+                                              window_layers=[i for i, w in enumerate(windows) if w],
+                                              tensor_parallel=tensor_parallel)
 
     clock.stage("codegen")
     graph_source, graph_record = emit_graph_source(graph_module, captured.param_names)
