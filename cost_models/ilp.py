@@ -7,7 +7,7 @@ L_GPU (Eq. 8). We instead minimise the predicted decode time of a whole request 
               stall[s, j] >= 0 (ms): compute waiting for layer j's prefetch in one step of segment s.
   constraints gpu_memory_s: memory.gpu_bytes at the segment's end length <= the target's memory
               (unified targets: plus the offloaded KV, which shares the pool);
-              host_memory: the offloaded KV at max_len <= the pinnable host memory;
+              host_memory: the offloaded KV at max_len <= the pinnable host memory (a rank's share);
               monotone: once offloaded, a layer stays offloaded (the runtime never moves KV back);
               overlap: layer j's attention starts after its transfer on the one FIFO copy stream.
   objective   sum over segments of (tokens in segment) x (step time at its mid length), seconds.

@@ -11,7 +11,9 @@ K cache), the top-k, layers 0..L-1 and the LM head; on the copy stream, once the
 indices, the elastic diff and then every offloaded layer's gather (the rows not selected at the
 previous step, (1 - selection_overlap) of the budget, from pinned host memory) in layer order;
 layer j's attention waits for its gather. Attention sits at the start of a layer (its Q/K/V
-projections are charged to the layer, a slightly pessimistic placement). Copies and compute slow
+projections are charged to the layer, a slightly pessimistic placement). Under tensor parallelism
+(workload.gpus > 1) the spec is one rank's and every layer adds its two all-reduces
+(layer_allreduce_ms) to the compute stream. Copies and compute slow
 each other (the target's contention figures), so the step is simulated and its length is the
 DAG's critical path: it moves with the selection overlap through the gathers' bytes.
 
