@@ -29,7 +29,7 @@ def _host_fits(spec, workload, target, num_offloaded: int) -> bool:
     if target.unified_memory:
         return True   # already charged to the shared pool
     pinned = memory.host_bytes(spec, workload, num_offloaded, workload.max_len)
-    return pinned <= memory.pinnable_host_bytes(target.host_memory_bytes)
+    return pinned <= memory.pinnable_host_bytes(target.host_memory_bytes, workload.gpus)
 
 
 def fits(spec: ModelSpec, workload: Workload, target: Target) -> bool:
@@ -95,9 +95,10 @@ def infeasibility_message(spec: ModelSpec, workload: Workload, target: Target) -
                 f"{_smallest_change(spec, workload, target)}")
     if not _host_fits(spec, workload, target, needed):
         pinned = memory.host_bytes(spec, workload, needed, workload.max_len)
-        allowed = memory.pinnable_host_bytes(target.host_memory_bytes)
+        allowed = memory.pinnable_host_bytes(target.host_memory_bytes, workload.gpus)
         return (f"offloaded KV of {needed} layers needs {pinned / 1e9:.1f} GB of pinned host memory "
                 f"{where}; {target.name} allows {allowed / 1e9:.1f} GB "
-                f"({memory.PINNABLE_HOST_FRACTION:.0%} of {target.host_memory_bytes / 1e9:.1f} GB); "
+                f"({memory.PINNABLE_HOST_FRACTION:.0%} of {target.host_memory_bytes / 1e9:.1f} GB"
+                f"{f' shared by {workload.gpus} ranks' if workload.gpus > 1 else ''}); "
                 f"{_smallest_change(spec, workload, target)}")
     return None

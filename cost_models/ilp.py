@@ -7,7 +7,7 @@ L_GPU (Eq. 8). We instead minimise the predicted decode time of a whole request 
               stall[s, j] >= 0 (ms): compute waiting for layer j's prefetch in one step of segment s.
   constraints gpu_memory_s: memory.gpu_bytes at the segment's end length <= the target's memory
               (unified targets: plus the offloaded KV, which shares the pool);
-              host_memory: the offloaded KV at max_len <= the pinnable host memory;
+              host_memory: the offloaded KV at max_len <= the pinnable host memory (a rank's share);
               monotone: once offloaded, a layer stays offloaded (the runtime never moves KV back);
               overlap: layer j's attention starts after its transfer on the one FIFO copy stream.
   objective   sum over segments of (tokens in segment) x (step time at its mid length), seconds.
@@ -81,7 +81,7 @@ def _add_memory(problem, spec, workload, target, bounds, on_gpu) -> None:
     if not target.unified_memory:
         offloaded = spec.num_layers - lp.lp_sum(on_gpu[-1])
         pinned = memory.host_bytes(spec, workload, offloaded, workload.max_len)
-        problem.constrain(pinned * gb <= memory.pinnable_host_bytes(target.host_memory_bytes) * gb,
+        problem.constrain(pinned * gb <= memory.pinnable_host_bytes(target.host_memory_bytes, workload.gpus) * gb,
                           "host_memory")
 
 

@@ -11,7 +11,9 @@ K cache), the top-k, layers 0..L-1 and the LM head; on the copy stream, once the
 indices, the elastic diff and then every offloaded layer's gather (the rows not selected at the
 previous step, (1 - selection_overlap) of the budget, from pinned host memory) in layer order;
 layer j's attention waits for its gather. Attention sits at the start of a layer (its Q/K/V
-projections are charged to the layer, a slightly pessimistic placement). Copies and compute slow
+projections are charged to the layer, a slightly pessimistic placement). Under tensor parallelism
+(workload.gpus > 1) the spec is one rank's and every layer adds its two all-reduces
+(layer_allreduce_ms) to the compute stream. Copies and compute slow
 each other (the target's contention figures), so the step is simulated and its length is the
 DAG's critical path: it moves with the selection overlap through the gathers' bytes.
 
@@ -21,7 +23,7 @@ and every prediction it reports is re-evaluated here with the DAG.
 """
 from dataclasses import dataclass
 
-from specontext_compiler.cost_models import memory, step_dag
+from specontext_compiler.cost_models import memory, step_dag, tensor_parallel
 from specontext_compiler.cost_models.model_spec import ModelSpec
 from specontext_compiler.cost_models.target import Target
 from specontext_compiler.cost_models.workload import Workload
@@ -39,8 +41,7 @@ def layer_params(spec: ModelSpec) -> float:
     """Parameters of one decoder layer: Q/K/V/O, a gated MLP and two norms (MLA: the average)."""
     if spec.attention_kind == "mla":
         return (spec.param_count - 2 * spec.vocab_size * spec.hidden_size) / spec.num_layers
-    attn = 2 * spec.hidden_size * spec.head_dim * (spec.num_heads + spec.num_kv_heads)
-    return attn + 3 * spec.hidden_size * spec.intermediate_size + 2 * spec.hidden_size
+    return tensor_parallel.sharded_layer_params(spec) + 2 * spec.hidden_size
 
 
 def attended_rows(workload: Workload, seq_len: float) -> float:
@@ -59,6 +60,15 @@ def layer_flops(spec: ModelSpec, workload: Workload, seq_len: float) -> float:
     """FLOPs of one layer: 2·R·params of matmuls + 4·R·Hq·D·(W+1) for q·K and p·V."""
     rows = attended_rows(workload, seq_len) + 1
     return 2 * workload.batch * layer_params(spec) + 4 * workload.batch * spec.num_heads * spec.head_dim * rows
+
+
+def layer_allreduce_ms(spec: ModelSpec, workload: Workload, target: Target) -> float:
+    """One layer's all-reduces over the target's NVLink (after attention, after the MLP); 0 on one GPU."""
+    if workload.gpus == 1:
+        return 0.0
+    message = tensor_parallel.layer_allreduce_bytes(spec, workload.batch)
+    return tensor_parallel.ALLREDUCES_PER_LAYER * tensor_parallel.allreduce_ms(
+        message, workload.gpus, target.nvlink_gbps, target.nvlink_latency_us)
 
 
 def layer_h2d_bytes(spec: ModelSpec, workload: Workload, seq_len: float) -> float:
@@ -138,7 +148,8 @@ def step_components(spec: ModelSpec, workload: Workload, target: Target, seq_len
     k_bytes = topk_bytes(spec, workload, seq_len)
     t_flops, t_bytes = tail_cost(spec, workload)
     l_bytes = layer_hbm_bytes(spec, workload, seq_len)
-    layer_ms = _ms(layer_flops(spec, workload, seq_len), l_bytes, target) + target.layer_fixed_us / 1e3
+    layer_ms = (_ms(layer_flops(spec, workload, seq_len), l_bytes, target) + target.layer_fixed_us / 1e3
+                + layer_allreduce_ms(spec, workload, target))
     # the delta rows land in HBM and the new token is read for the write-through: this traffic
     # competes with the layer's own reads, so it lengthens the compute stream of offloaded layers
     offload_bytes = layer_h2d_bytes(spec, workload, seq_len) + workload.batch * memory.kv_bytes_per_token_layer(spec)

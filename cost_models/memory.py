@@ -153,9 +153,10 @@ def pool_bytes(spec: ModelSpec, workload: Workload, num_gpu_layers, seq_len, hos
         spec, workload, num_offloaded, host_seq_len)
 
 
-def pinnable_host_bytes(host_memory_bytes: int) -> float:
-    """Host bytes the planner may pin for KV: PINNABLE_HOST_FRACTION of the target's RAM."""
-    return PINNABLE_HOST_FRACTION * host_memory_bytes
+def pinnable_host_bytes(host_memory_bytes: int, gpus: int = 1) -> float:
+    """Host bytes one rank may pin for KV: PINNABLE_HOST_FRACTION of the target's RAM, shared
+    evenly by the gpus ranks of the machine (each pins its own KV heads' history)."""
+    return PINNABLE_HOST_FRACTION * host_memory_bytes / gpus
 
 
 # --- The paper's own model (s.6), for comparison in the report -------------------------------

@@ -47,6 +47,10 @@ class Target:
     gather_fixed_us: float = 0.0
     d2h_gbps: float | None = None   # pinned device -> host copy (the new token's write-through); absent: h2d_gbps
     unified_memory: bool = False  # host and GPU share one pool (Jetson): offloading frees nothing
+    # GPU-to-GPU interconnect of a multi-GPU machine, for tensor-parallel plans (--gpus N > 1): one
+    # GPU's bandwidth in one direction (a ring all-reduce's rate) and one all-reduce's fixed time.
+    nvlink_gbps: float | None = None
+    nvlink_latency_us: float | None = None
     # field name -> where the figure comes from (datasheet or measured); not part of equality
     sources: dict = field(default_factory=dict, compare=False)
 
@@ -69,9 +73,10 @@ class Target:
 
 
 _FRACTIONS = ("decode_hbm_efficiency", "overlapped_copy_efficiency")
-_OPTIONAL_RATES = ("gather_gbps_beside_compute", "d2h_gbps")
+_OPTIONAL_RATES = ("gather_gbps_beside_compute", "d2h_gbps", "nvlink_gbps")
+INTERCONNECT_KEYS = ("nvlink_gbps", "nvlink_latency_us")   # read by tensor-parallel plans only
 _OPTIONAL = ("unified_memory", "sources", "layer_fixed_us", "gather_fixed_us", "compute_slowdown_beside_gather",
-             *_OPTIONAL_RATES, *_FRACTIONS)
+             "nvlink_latency_us", *_OPTIONAL_RATES, *_FRACTIONS)
 _REQUIRED = tuple(f.name for f in fields(Target) if f.name not in _OPTIONAL)
 _VALID = tuple(f.name for f in fields(Target))
 _INT_KEYS = ("gpu_memory_bytes", "host_memory_bytes")
@@ -139,6 +144,11 @@ def _check_contention(values: dict, data: dict, where: str) -> None:
                 values[key] = float(values[key])
                 if values[key] <= 0:
                     raise TargetError(f"{where}: {key} must be positive, got {values[key]}")
+        key = "nvlink_latency_us"
+        if values.get(key) is not None:
+            values[key] = float(values[key])
+            if not values[key] >= 0:
+                raise TargetError(f"{where}: {key} must be >= 0, got {values[key]}")
         key = "compute_slowdown_beside_gather"
         values[key] = float(values.get(key, 1.0))
     except (TypeError, ValueError):

@@ -60,6 +60,7 @@ class Workload:
     recent_tokens: int = DEFAULT_RECENT_TOKENS
     selection_overlap: float = 0.8
     head: RetrievalHead | None = None
+    gpus: int = 1      # tensor-parallel ranks; the cost models then price one rank (tensor_parallel.py)
 
     def __post_init__(self):
         if self.prompt_len <= 0 or self.max_len <= self.prompt_len:
@@ -76,6 +77,8 @@ class Workload:
             raise SpecontextError(
                 f"--budget {self.budget} is larger than --max-len {self.max_len}: no sequence has that many "
                 f"tokens to select from; pass --budget {self.max_len} or less")
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
+            raise SpecontextError(f"--gpus {self.gpus!r} must be a positive whole number of GPUs")
         if not 0.0 <= self.selection_overlap <= 1.0:
             raise SpecontextError(
                 f"selection overlap {self.selection_overlap} must lie in [0, 1] (a fraction of rows)")

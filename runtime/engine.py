@@ -77,6 +77,9 @@ class Engine:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         hf_model = weights.load_hf_model(model, dtype, device)
         weights.check_model_matches(plan.model, hf_model.config)
+        if plan.tensor_parallel:            # this process is one rank: its shards, heads and KV store
+            from specontext_compiler.runtime import tensor_parallel
+            plan, hf_model = tensor_parallel.bind_rank(plan, hf_model, dlm, plan.retrieval_head.file)
         graph_fn = load_graph(plan.directory / plan.graph.file, plan.graph)
         params = weights.graph_params(hf_model, plan.graph.inputs)
         head = _retrieval_head(plan, hf_model, dlm, device, dtype)
@@ -202,6 +205,13 @@ class Engine:
         logits = self._forward(ids, positions)
         self.ctx.end()
         return logits[0, -1]
+
+    def shared_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Sampled ids as every rank will use them: rank 0's under a tensor-parallel plan."""
+        if self.plan.tensor_parallel:
+            from specontext_compiler.runtime.tensor_parallel import broadcast_tokens
+            return broadcast_tokens(ids)
+        return ids
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), context.active(self.ctx):

@@ -14,6 +14,7 @@ K selected tokens per group):
   prefetch_issue(indices, layer) -> ticket [1] int64
   prefetch_wait(ticket, layer) -> ready [1] int64
   record_features(hidden [B,T,H], block) -> nothing (a fused head's tap on the residual stream)
+  all_reduce(partial [B,T,H]) -> [B,T,H] (tensor-parallel plans: the sum over the ranks)
 """
 from __future__ import annotations
 
@@ -97,11 +98,24 @@ def _record_features_fake(hidden, block):
     return None
 
 
+@torch.library.custom_op("specontext::all_reduce", mutates_args=())
+def all_reduce(partial: torch.Tensor) -> torch.Tensor:
+    """Sum a row-parallel projection's partial outputs over the tensor-parallel ranks (torch.distributed)."""
+    from specontext_compiler.runtime import tensor_parallel
+    return tensor_parallel.all_reduce_sum(partial)
+
+
+@all_reduce.register_fake
+def _all_reduce_fake(partial):
+    return torch.empty_like(partial)
+
+
 # The tap's effect is on the runtime's buffers and nothing reads its (empty) output: declared
 # effectful, so that dead-code elimination keeps it.
 has_side_effect(torch.ops.specontext.record_features.default)
 
-OP_NAMES = ("attention", "retrieve", "sparse_attention", "prefetch_issue", "prefetch_wait", "record_features")
+OP_NAMES = ("attention", "retrieve", "sparse_attention", "prefetch_issue", "prefetch_wait", "record_features",
+            "all_reduce")
 
 
 def op(name: str):

@@ -60,6 +60,8 @@ class Plan:
     graph: GraphRecord
     kernels: list[KernelRecord] = field(default_factory=list)
     passes: list[PassRecord] = field(default_factory=list)
+    # tensor-parallel split (gpus, heads per rank, the all-reduce); None, and absent from plan.json, on one GPU
+    tensor_parallel: dict[str, Any] | None = None
     directory: Path | None = None
 
     # -- residency ---------------------------------------------------------------------------
@@ -80,6 +82,8 @@ class Plan:
                     retrieval_head=self.retrieval_head.to_dict(), graph=asdict(self.graph),
                     segments=[asdict(s) for s in self.segments], schedule=[asdict(s) for s in self.schedule],
                     kernels=[asdict(k) for k in self.kernels], passes=[p.to_dict() for p in self.passes])
+        if self.tensor_parallel is None:
+            del data["tensor_parallel"]
         return data
 
     def to_json(self) -> str:
@@ -93,7 +97,7 @@ class Plan:
         """The Plan and its typed records from plan.json's object (read once, here)."""
         _check_version(data.get("schema_version"))
         known = {f.name for f in fields(cls)} - {"directory"}
-        missing = [name for name in known if name not in data and name not in ("kernels", "passes")]
+        missing = [name for name in known if name not in data and name not in ("kernels", "passes", "tensor_parallel")]
         if missing:
             raise PlanError(f"plan.json lacks {', '.join(sorted(missing))}; recompile the plan")
         kwargs = {k: v for k, v in data.items() if k in known}

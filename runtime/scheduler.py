@@ -149,7 +149,7 @@ class Scheduler:
             return self._ids.clone(), {}    # the host copy of _ids may still be reading it
         longest = max(r.cached if r is not None else idle for r, idle in zip(self.slots, self._idle_len))
         logits = self.engine.decode(self._ids, decoding, longest)
-        ids = self.sampling.sample(logits[:, -1], slice(0, len(self.slots))).view(-1, 1)
+        ids = self.engine.shared_tokens(self.sampling.sample(logits[:, -1], slice(0, len(self.slots))).view(-1, 1))
         owners = {}
         for slot, request in enumerate(self.slots):
             if decoding[slot]:
@@ -177,7 +177,7 @@ class Scheduler:
                 self.prefill_chunks += 1
                 if request.prefilled == len(request.prompt_ids):
                     rows = slice(request.slot, request.slot + 1)
-                    ids[rows, 0] = self.sampling.sample(logits.view(1, -1), rows)
+                    ids[rows, 0] = self.engine.shared_tokens(self.sampling.sample(logits.view(1, -1), rows))
                     request.sampled = 1
                     owners[request.slot] = request
 

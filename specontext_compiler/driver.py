@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -33,7 +33,7 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
                   recent_tokens: int = DEFAULT_RECENT_TOKENS, out: str | Path | None = None, dlm: str | None = None,
                   target_file: str | None = None, prompt_len: int | str | None = None,
                   selection_overlap: float = 0.8, level: str = "head", distill: bool = True,
-                  progress: Progress | None = None) -> Plan:
+                  gpus: int = 1, progress: Progress | None = None) -> Plan:
     """Compile a plan for serving MODEL on TARGET up to max_len tokens; write it to `out`.
 
     budget: selected KV tokens per layer per step; None is DEFAULT_BUDGET, or max_len if shorter.
@@ -41,10 +41,12 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     for the LLM's own layer 0, or None: for a model with weights, the distilled head cached for
     it, else (distill=True and a CUDA GPU) one distilled now into the cache, else self:0 with a
     warning (distill/default_head.py). level: "head" (a token set per KV-head group, the paper's)
-    or "batch" (one).
+    or "batch" (one). gpus: tensor-parallel GPUs of one machine; every cost is then one rank's
+    (cost_models/tensor_parallel.py) and plan.json gains a tensor_parallel record.
     """
     from specontext_compiler import models
     from specontext_compiler.cost_models.ilp import plan_residency
+    from specontext_compiler.cost_models.tensor_parallel_plan import check_gpus, plan_record, rank_view
     from specontext_compiler.cost_models.target import load_target, load_target_file
     from specontext_compiler.cost_models.workload import Workload
     from specontext_compiler.dlm_geometry import check_level
@@ -68,7 +70,10 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     workload = Workload(max_len=max_len_tokens, prompt_len=prompt_tokens,
                         batch=batch if isinstance(batch, int) else 1, budget=budget,
                         sink_tokens=sink_tokens, recent_tokens=recent_tokens,
-                        selection_overlap=selection_overlap, head=head_shape)
+                        selection_overlap=selection_overlap, head=head_shape, gpus=gpus)
+    check_gpus(spec, workload, hw, level)
+    whole_spec, view = spec, rank_view(spec, workload, level)
+    spec, workload = view.spec, view.workload       # from here on, costs are one rank's
 
     clock.stage("plan (ILP)")
     windows = models.layer_windows(source.config)
@@ -76,13 +81,15 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
                               resident_layers=[i for i, w in enumerate(windows) if w])
     plan_workload = _plan_workload(workload, solution, level,
                                    _prefill_chunk(spec, workload, hw, solution, windows))
-    graph, kernels, passes = _program(clock, source.config, spec, solution, plan_workload, head_info,
-                                      windows, files)
-    plan = Plan(schema_version=list(SCHEMA_VERSION), producer=_producer(), model=_plan_model(spec, source, windows),
-                target=dict(vars(hw)), workload=plan_workload, retrieval_head=HeadRecord.from_dict(head_info),
+    graph, kernels, passes = _program(clock, source.config, whole_spec, solution, plan_workload, head_info,
+                                      windows, files, tensor_parallel=gpus > 1)
+    plan = Plan(schema_version=list(SCHEMA_VERSION), producer=_producer(),
+                model=_plan_model(whole_spec, source, windows), target=_target_record(hw, gpus),
+                workload=plan_workload, retrieval_head=HeadRecord.from_dict(head_info),
                 segments=list(solution.segments), schedule=[PrefetchSlot(*slot) for slot in solution.schedule],
                 prediction=_prediction(solution, spec, workload, hw), solver=dict(solution.solver),
-                graph=graph, kernels=kernels, passes=passes)
+                graph=graph, kernels=kernels, passes=passes,
+                tensor_parallel=plan_record(whole_spec, replace(workload, head=head_shape), hw, level, solution.batch))
 
     clock.stage("write")
     from specontext_compiler.report import render_report_markdown
@@ -128,7 +135,7 @@ def _default_prompt(max_len: int) -> int:
 
 
 def _program(clock: "_Clock", config, spec, solution, workload: PlanWorkload, head_info: dict, windows: list[int],
-             files: dict):
+             files: dict, tensor_parallel: bool = False):
     """Export, rewrite and emit the decode step: (graph, kernel and pass records); adds the files."""
     from specontext_compiler.capture import capture_decode_graph
     from specontext_compiler.codegen.emit_graph import emit_graph_source
@@ -141,7 +148,8 @@ def _program(clock: "_Clock", config, spec, solution, workload: PlanWorkload, he
     offloaded_ever = sorted(set().union(*(set(s.offloaded_layers) for s in solution.segments)))
     graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, dict(solution.schedule),
                                               feature_layers=head_info["feature_layers"],
-                                              window_layers=[i for i, w in enumerate(windows) if w])
+                                              window_layers=[i for i, w in enumerate(windows) if w],
+                                              tensor_parallel=tensor_parallel)
 
     clock.stage("codegen")
     graph_source, graph_record = emit_graph_source(graph_module, captured.param_names)
@@ -177,6 +185,16 @@ def _retrieval_head(dlm: str | None, source, model: str, level: str, max_len: in
     shape = HeadShape(head_num_heads=head.num_heads, head_num_kv_heads=head.num_kv_heads, head_dim=head.head_dim,
                       head_input_dim=head.input_width, head_params=head.param_count(include_embedding=False))
     return {**report, "source": str(dlm), "file": HEAD_FILE}, {HEAD_FILE: head.to_bytes()}, shape
+
+
+def _target_record(hw, gpus: int) -> dict:
+    """The target's fields for plan.json; a one-GPU plan leaves out the interconnect it never uses."""
+    from specontext_compiler.cost_models.target import INTERCONNECT_KEYS
+    record = dict(vars(hw))
+    if gpus == 1:
+        record = {k: v for k, v in record.items() if k not in INTERCONNECT_KEYS}
+        record["sources"] = {k: v for k, v in hw.sources.items() if k not in INTERCONNECT_KEYS}
+    return record
 
 
 def _plan_model(spec, source, windows: list[int]) -> PlanModel:

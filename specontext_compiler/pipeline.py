@@ -13,6 +13,7 @@ from torch.fx import GraphModule
 
 from specontext_compiler.passes.clean_capture import CleanCapture
 from specontext_compiler.passes.common import PassError, count_ops
+from specontext_compiler.passes.insert_all_reduce import InsertAllReduce
 from specontext_compiler.passes.find_attention import FindAttention
 from specontext_compiler.passes.insert_feature_taps import InsertFeatureTaps
 from specontext_compiler.passes.insert_prefetch import InsertPrefetch
@@ -23,9 +24,11 @@ Progress = Callable[[str, float], None]
 
 
 def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *,
-                 feature_layers: Iterable[int] = (), window_layers: Iterable[int] = ()) -> list:
+                 feature_layers: Iterable[int] = (), window_layers: Iterable[int] = (),
+                 tensor_parallel: bool = False) -> list:
     """The pipeline, in order (feature_layers: a fused head's; none for a plain head;
-    window_layers: sliding-window layers, which stay dense)."""
+    window_layers: sliding-window layers, which stay dense; tensor_parallel: a plan over several
+    GPUs, whose row-parallel projections are summed over the ranks)."""
     return [
         CleanCapture(),
         FindAttention(),
@@ -33,12 +36,13 @@ def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *,
         InsertFeatureTaps(feature_layers),
         RewriteSparseAttention(window_layers),
         InsertPrefetch(offloaded_layers, schedule),
+        *([InsertAllReduce()] if tensor_parallel else []),
     ]
 
 
 def run_pipeline(gm: GraphModule, offloaded_layers: Iterable[int] = (), schedule: dict[int, int] | None = None,
                  progress: Progress | None = None, feature_layers: Iterable[int] = (),
-                 window_layers: Iterable[int] = ()) -> tuple[GraphModule, list[dict]]:
+                 window_layers: Iterable[int] = (), tensor_parallel: bool = False) -> tuple[GraphModule, list[dict]]:
     """Run every pass on gm; returns the graph and [{pass, seconds, counters, nodes}] per pass.
 
     offloaded_layers: layers whose KV lives in host memory; schedule: {layer: issue_before_layer};
@@ -46,7 +50,7 @@ def run_pipeline(gm: GraphModule, offloaded_layers: Iterable[int] = (), schedule
     """
     records, done = [], []
     for graph_pass in build_passes(offloaded_layers, schedule or {}, feature_layers=feature_layers,
-                                   window_layers=window_layers):
+                                   window_layers=window_layers, tensor_parallel=tensor_parallel):
         name = type(graph_pass).__name__
         start = time.perf_counter()
         try:

@@ -131,6 +131,7 @@ def _kv_lines(plan: Plan) -> list[tuple[str, str]]:
         ("workload", f"max len {format_tokens(w.max_len)} tokens, prompt {_value(w.prompt_len)}, batch {w.batch}, "
                      f"budget {w.budget}, sinks {w.sink_tokens}, recent {w.recent_tokens}, "
                      f"selection overlap {_value(w.selection_overlap)}"),
+        *_tensor_parallel_lines(plan),
         ("retrieval head", head_summary(r.to_dict())),
         *([("head accuracy", r.facts["accuracy"])] if r.facts.get("accuracy") else []),
         ("solver", ", ".join(f"{k} {_value(v)}" for k, v in plan.solver.items())),
@@ -141,6 +142,26 @@ def _kv_lines(plan: Plan) -> list[tuple[str, str]]:
         ("graph", f"{plan.graph.file}, {_value(plan.graph.nodes)} nodes"),
         ("kernels", ", ".join(k.family for k in plan.kernels) or "-"),
     ]
+
+
+def _tensor_parallel_lines(plan: Plan) -> list[tuple[str, str]]:
+    """The GPUs a tensor-parallel plan spans, each rank's share, and how the retrieval head is split."""
+    tp = plan.tensor_parallel
+    if not tp:
+        return []
+    ranks = "; ".join(f"rank {i}: KV {','.join(map(str, heads))}" for i, heads in enumerate(tp["rank_kv_heads"]))
+    head = tp["retrieval_head"]
+    return [("GPUs", f"{tp['gpus']}, tensor parallel: {tp['query_heads_per_rank']} query heads, "
+                     f"{tp['kv_heads_per_rank']} KV heads (x{tp['kv_head_replicas']}), MLP width "
+                     f"{tp['intermediate_per_rank']} per rank ({ranks}); weights {_gib(tp['weight_bytes_per_rank'])} "
+                     f"GiB per rank; {tp['allreduces_per_layer']} all-reduces of {tp['allreduce_bytes']} bytes per "
+                     f"layer, {_num(tp['allreduce_ms_per_layer'] * 1e3, 1)} us; memory is per rank, the ranks step together"),
+            ("retrieval head ranks", f"{head['how']} ({head['query_heads_per_rank']} query / "
+                                     f"{head['kv_heads_per_rank']} KV heads per rank)")]
+
+
+def _memory_title(plan: Plan) -> str:
+    return "GPU memory per segment (GiB" + (", per rank)" if plan.tensor_parallel else ")")
 
 
 def _schedule_line(plan: Plan, shown: int = 16) -> str:
@@ -235,7 +256,7 @@ def render_report(plan: Plan) -> list[RenderableType]:
         header.add_row(key, value)
     parts: list[RenderableType] = [header, _rich_residency(plan),
                                    _rich_table("Predictions per segment", *_prediction_rows(plan)),
-                                   _rich_table("GPU memory per segment (GiB)", *_memory_rows(plan)),
+                                   _rich_table(_memory_title(plan), *_memory_rows(plan)),
                                    _rich_timeline(plan)]
     if plan.passes:
         parts.append(_rich_table("Compiler passes", *_pass_rows(plan)))
@@ -276,7 +297,7 @@ def render_report_markdown(plan: Plan) -> str:
              "## KV residency per layer (G = GPU, C = offloaded to host)", "",
              "```\n" + " " * 14 + _layer_ruler(num_layers) + "\n" + residency + "\n```", "",
              "## Predictions per segment", "", _md_table(*_prediction_rows(plan)), "",
-             "## GPU memory per segment (GiB)", "", _md_table(*_memory_rows(plan)), "",
+             f"## {_memory_title(plan)}", "", _md_table(*_memory_rows(plan)), "",
              f"## Predicted overlap, {_timeline_caption(plan)}", "", _md_timeline(plan), ""]
     if plan.passes:
         parts += ["## Compiler passes", "", _md_table(*_pass_rows(plan)), ""]
@@ -295,6 +316,7 @@ def plan_summary_json(plan: Plan) -> dict[str, Any]:
         "batch": plan.workload.batch,
         "selection_overlap": selection_overlap(plan),
         "num_layers": plan.model.num_layers,
+        "gpus": plan.tensor_parallel["gpus"] if plan.tensor_parallel else 1,
         "num_segments": len(plan.segments),
         "gpu_layers_at_max_len": len(last.gpu_layers),
         "tokens_per_s_at_max_len": last.predicted.get("tokens_per_s"),

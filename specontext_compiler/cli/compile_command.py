@@ -71,6 +71,7 @@ def _compile_summary(plan: Any, stage_s: dict[str, float]) -> Table:
             ("model / target", f"{summary['model']} on {summary['target']}"),
             ("workload", f"max len {format_tokens(int(summary['max_len']))} tokens, batch {summary['batch']}, "
                          f"budget {plan.workload.budget}"),
+            *_gpus_row(plan),
             ("GPU layers", f"{len(first.gpu_layers)}/{summary['num_layers']} at start, "
                            f"{len(last.gpu_layers)}/{summary['num_layers']} at max len "
                            f"({len(plan.segments)} segments)"),
@@ -80,6 +81,15 @@ def _compile_summary(plan: Any, stage_s: dict[str, float]) -> Table:
             ("compile time", f"{sum(stage_s.values()):.1f} s: " + ", ".join(
                 f"{name} {s:.1f} s" for name, s in stage_s.items() if s >= 0.05))]
     return key_value_table(rows)
+
+
+def _gpus_row(plan: Any) -> list[tuple[str, str]]:
+    """The tensor-parallel split, for a plan over more than one GPU."""
+    tp = plan.tensor_parallel
+    if not tp:
+        return []
+    return [("GPUs", f"{tp['gpus']} (tensor parallel): {tp['query_heads_per_rank']} query / {tp['kv_heads_per_rank']} "
+                     f"KV heads per rank; memory below is per rank")]
 
 
 @app.command("compile")
@@ -99,6 +109,7 @@ def compile_cmd(
     prompt_len: Annotated[Optional[str], typer.Option("--prompt-len", metavar="TOKENS", help="Expected prompt length, in tokens (131072, 128k); sets the initial residency.")] = None,
     level: Annotated[str, typer.Option("--level", metavar="head|batch", help="Selection level: 'head' picks tokens per KV-head group (the paper's; a --dlm must map its KV heads onto the LLM's), 'batch' one shared set per request (any geometry).")] = "head",
     selection_overlap: Annotated[float, typer.Option("--selection-overlap", metavar="F", help="Expected share of a step's selected rows already selected at the previous step (paper: over 0.8; measure yours with benchmarks/measure_overlap.py); elastic loading copies the rest.")] = 0.8,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, metavar="N", help="GPUs of one machine to split the model over (tensor parallelism: heads, KV heads and MLP per rank, an all-reduce after attention and after the MLP); costs and memory are then per rank. The target needs nvlink_gbps and nvlink_latency_us.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan summary as JSON instead of tables.")] = False,
 ) -> None:
     """Compile MODEL into a plan directory for a target GPU and a longest sequence length.
@@ -117,7 +128,7 @@ def compile_cmd(
                              sink_tokens=sinks, recent_tokens=recent, out=out_dir, dlm=dlm,
                              target_file=str(target_file) if target_file else None,
                              prompt_len=prompt_tokens, selection_overlap=selection_overlap, level=level,
-                             distill=distill, progress=progress)
+                             distill=distill, gpus=gpus, progress=progress)
     if as_json:
         from specontext_compiler.report import plan_summary_json
         typer.echo(strict_json(plan_summary_json(plan)))
