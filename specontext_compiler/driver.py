@@ -47,20 +47,14 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     from specontext_compiler import models
     from specontext_compiler.cost_models.ilp import plan_residency
     from specontext_compiler.cost_models.tensor_parallel_plan import check_gpus, plan_record, rank_view
-    from specontext_compiler.cost_models.target import load_target, load_target_file
     from specontext_compiler.cost_models.workload import Workload
     from specontext_compiler.dlm_geometry import check_level
 
     check_level(level)
     clock = _Clock(progress)
     clock.stage("load model")
-    source = models.resolve_model(model)
-    spec = models.spec_from_config(source.config, source.name)
-    max_len_tokens = parse_tokens(max_len, "--max-len")
-    models.check_max_len(spec, max_len_tokens)
-    budget = _budget(budget, max_len_tokens)
-    batch = parse_batch(batch)
-    hw = load_target_file(target_file) if target_file else load_target(target)
+    source, spec, max_len_tokens, hw = _model_and_target(model, max_len, target, target_file)
+    budget, batch = _budget(budget, max_len_tokens), parse_batch(batch)
     out_dir = Path(out) if out else default_plan_dir(model, target, target_file)
     check_plan_output(out_dir)          # refuse a path that is not ours, or unwritable, before any slow work
     prompt_tokens = parse_tokens(prompt_len, "--prompt-len") if prompt_len else _default_prompt(max_len_tokens)
@@ -91,13 +85,30 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
                 graph=graph, kernels=kernels, passes=passes,
                 tensor_parallel=plan_record(whole_spec, replace(workload, head=head_shape), hw, level, solution.batch))
 
+    _write(clock, plan, files, out_dir)
+    return plan
+
+
+def _model_and_target(model: str, max_len, target: str, target_file: str | None):
+    """(source, ModelSpec, max_len in tokens, Target): the model's config and the GPU's figures."""
+    from specontext_compiler import models
+    from specontext_compiler.cost_models.target import load_target, load_target_file
+    source = models.resolve_model(model)
+    spec = models.spec_from_config(source.config, source.name)
+    max_len_tokens = parse_tokens(max_len, "--max-len")
+    models.check_max_len(spec, max_len_tokens)
+    hw = load_target_file(target_file) if target_file else load_target(target)
+    return source, spec, max_len_tokens, hw
+
+
+def _write(clock: "_Clock", plan: Plan, files: dict, out_dir: Path) -> None:
+    """The report and the manifest beside the plan's files, published in one step."""
     clock.stage("write")
     from specontext_compiler.report import render_report_markdown
     files["report.md"] = render_report_markdown(plan)
     files.update(plan_manifest(plan.to_json(), files))
     write_plan_dir(plan, out_dir, files)     # an OSError there becomes a one-line PlanError
     clock.stage("done")
-    return plan
 
 
 def default_plan_dir(model: str, target: str, target_file: str | None = None) -> Path:
