@@ -11,6 +11,7 @@ the paper's 30%-of-weights; the paper's equations are kept below for the report 
 """
 from specontext_compiler.cost_models.model_spec import ModelSpec
 from specontext_compiler.cost_models.workload import Workload
+from specontext_compiler.runtime.plan_records import DEFAULT_PREFILL_CHUNK_TOKENS
 
 GIB = 1024 ** 3
 FIXED_RESERVE_BYTES = 9 * GIB // 2   # CUDA context (0.55 GB measured on our H100), cuBLAS, graph pool, allocator slack;
@@ -19,7 +20,9 @@ FIXED_RESERVE_BYTES = 9 * GIB // 2   # CUDA context (0.55 GB measured on our H10
 #   (benchmarks/RESULTS.md has the measurements)
 PINNABLE_HOST_FRACTION = 0.65   # measured on the H100 host (135 GB): 77.3 GB pinned ran, 96.6 GB killed the process
 FP32_BYTES = 4
-PREFILL_CHUNK_TOKENS = 256       # the prefill chunk the workspace reserves; the plan's chunk is this or more
+# The prefill chunk the workspace reserves (one source with the runtime's default for older plans);
+# the plan's chunk is this or more.
+PREFILL_CHUNK_TOKENS = DEFAULT_PREFILL_CHUNK_TOKENS
 INDEX_BYTES = 8                 # int64 token indices
 
 

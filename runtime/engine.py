@@ -23,12 +23,12 @@ from specontext_compiler.runtime.caller import caller_stacklevel
 from specontext_compiler.runtime.decode_step import DecodeStep
 from specontext_compiler.runtime.graph_loader import load_graph
 from specontext_compiler.runtime.memory_manager import MemoryManager
+from specontext_compiler.runtime.plan_records import DEFAULT_PREFILL_CHUNK_TOKENS
 from specontext_compiler.runtime.request_validation import validate_bind_options, validate_requests
 from specontext_compiler.runtime.sampling_params import SamplingParams
 from specontext_compiler.runtime.step_context import StepContext
 
 StreamCallback = Callable[[int, int], None]   # (request index, token id)
-DEFAULT_PREFILL_CHUNK = 256    # a plan without prefill_chunk_tokens was sized for chunks of this many
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Engine:
         self._token_event = torch.cuda.Event() if on_gpu else None
         # Prompt tokens per prefill forward: the plan's memory model sized it to the memory the
         # plan leaves free (cost_models/memory.py); plans compiled before it say nothing: 256.
-        self.prefill_chunk = int(plan.workload.prefill_chunk_tokens or DEFAULT_PREFILL_CHUNK)
+        self.prefill_chunk = int(plan.workload.prefill_chunk_tokens or DEFAULT_PREFILL_CHUNK_TOKENS)
         self.vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
         self._scheduler = None
         self._mask_key, self._mask = None, None

@@ -16,6 +16,9 @@ from specontext_compiler.runtime.model_spec import ModelSpec
 # plan's workload means when it omits them.
 DEFAULT_SINK_TOKENS = 1
 DEFAULT_RECENT_TOKENS = 16
+# Prompt tokens per prefill forward that every plan's workspace reserves; a plan written before
+# prefill_chunk_tokens existed was sized for this many (cost_models/memory.py adds what is free).
+DEFAULT_PREFILL_CHUNK_TOKENS = 256
 
 
 def _known(cls, data: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from specontext_compiler import compile_model, load_plan
 from specontext_compiler.cost_models import memory
 from specontext_compiler.cost_models.workload import Workload
 from specontext_compiler.models import resolve_model, spec_from_config
-from specontext_compiler.runtime.engine import DEFAULT_PREFILL_CHUNK
+from specontext_compiler.runtime.plan_records import DEFAULT_PREFILL_CHUNK_TOKENS
 from specontext_compiler.runtime.kv_store import KVLayout, LayerKV
 from specontext_compiler.runtime.plan import Segment
 
@@ -82,7 +82,7 @@ def test_a_plan_without_the_field_prefills_in_chunks_of_256(plan, tiny_model):
     old = dataclasses.replace(plan, workload=dataclasses.replace(plan.workload, prefill_chunk_tokens=None))
     old.directory = plan.directory
     engine = old.bind(tiny_model, device="cpu")
-    assert engine.prefill_chunk == DEFAULT_PREFILL_CHUNK == 256
+    assert engine.prefill_chunk == DEFAULT_PREFILL_CHUNK_TOKENS == memory.PREFILL_CHUNK_TOKENS == 256
     engine.generate([torch.randint(3, 256, (300,)).tolist()], max_new_tokens=2, stop_at_eos=False)
     assert engine.scheduler.prefill_chunks == 2
 
