@@ -45,20 +45,6 @@ def _layer_list(text: str, option: str) -> tuple[int, ...]:
     return layers
 
 
-def _save_atomically(data: bytes, out: Path) -> None:
-    """Write the file beside `out`, then rename: a crash never leaves a half-written head file."""
-    import os
-    import tempfile
-    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
-    os.close(handle)
-    try:
-        Path(temporary).write_bytes(data)
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _teacher_layers_option(text: str) -> tuple[int, ...] | str | None:
     """--teacher-layers: 'auto' (chosen from the model's attention), 'all', or a range or list."""
     if text in ("auto", "all"):
@@ -178,10 +164,10 @@ def distill_cmd(
 
 def _save_head(data: bytes, model: str, out: Optional[Path], cache_key) -> tuple[Path, str]:
     """Write the head to -o, or into the head cache under the model's fingerprint; (path, how to use it)."""
+    from specontext_compiler.distill.head_cache import store_head, write_file_atomically
     if cache_key is None:
-        _save_atomically(data, out)
+        write_file_atomically(data, out)
         return out, f"specontext compile {model} --dlm {out}"
-    from specontext_compiler.distill.head_cache import store_head
     fingerprint, weights, cache_name = cache_key
     path = store_head(data, fingerprint, cache_name)
     return path, f"specontext compile {weights} (no --dlm: the cached head is found by the model's fingerprint)"
