@@ -61,10 +61,15 @@ def busy_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
+def trace_kernels(trace_path: Path) -> list[dict]:
+    """The kernel events of a chrome trace, in start order."""
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    return sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+
+
 def summarize(trace_path: Path, replays: int) -> dict:
     """Per piece and per stream GPU time of the traced replays, per step (ms)."""
-    events = json.loads(trace_path.read_text())["traceEvents"]
-    kernels = [e for e in events if e.get("cat") == "kernel"]
+    kernels = trace_kernels(trace_path)
     per_piece, per_stream = defaultdict(float), defaultdict(list)
     names = defaultdict(float)
     for e in kernels:
@@ -85,8 +90,7 @@ def timeline(trace_path: Path, merge_gap_us: float = 30.0) -> list[dict]:
     Consecutive kernels of one piece on one stream, less than merge_gap_us apart, form one run;
     times are from the step's first kernel.
     """
-    events = json.loads(trace_path.read_text())["traceEvents"]
-    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    kernels = trace_kernels(trace_path)
     if not kernels:
         return []
     origin, runs, last = kernels[0]["ts"], [], {}
@@ -105,8 +109,7 @@ def timeline(trace_path: Path, merge_gap_us: float = 30.0) -> list[dict]:
 def kernels_between(trace_path: Path, window: str) -> list[dict]:
     """Every kernel of the one-step trace that starts in the window "A,B" (ms from the first)."""
     lo, hi = (float(x) for x in window.split(","))
-    events = json.loads(trace_path.read_text())["traceEvents"]
-    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    kernels = trace_kernels(trace_path)
     origin = kernels[0]["ts"] if kernels else 0
     return [{"stream": e["args"].get("stream", -1), "start_ms": round((e["ts"] - origin) / 1e3, 3),
              "us": round(e["dur"], 1), "name": e["name"][:100]}
