@@ -13,8 +13,8 @@ from host memory allocated four ways, at a small and a long-context span:
   hugetlb-2m  mmap(MAP_HUGETLB) from the 2 MiB pool (reserved here as root), cudaHostRegister
   hugetlb-1g  the same from the 1 GiB pool, where the kernel can reserve one
 Then, with torch's pinned memory, three probes of what sets the rate (--probes):
-  window      a 64 GiB store, the rows drawn from its first 1 GiB only (the span touched, not the
-              span allocated)
+  window      a 64 GiB store, the rows drawn from the first 1/64 of each (request, head): 1 GiB
+              touched in all (the span touched, not the span allocated)
   rotate      12 stores of one 128k layer's size (5.9 GB), gathered in turn as the runtime's 12
               offloaded layers are, against the same store gathered again and again
   programs    the 64 GiB store's gather over 8 / 32 / 64 / 132 programs
@@ -37,6 +37,24 @@ from specontext_compiler.targets_probe import time_ms
 
 MAP_HUGETLB, MAP_HUGE_SHIFT = 0x40000, 26
 BATCH, HEADS, DIM, WIDTH, OVERLAP = 11, 8, 128, 2065, 0.8
+
+
+ROW_BYTES = 2 * DIM * 2          # one (token, head): K and V of head_dim bf16 values, adjacent
+
+
+def positions_for(span_gib: float) -> int:
+    """Positions per (request, head) that make a [B, H, S, 2D] store of span_gib GiB."""
+    return int(span_gib * 2**30) // (BATCH * HEADS * ROW_BYTES)
+
+
+def step_bytes(loads) -> int:
+    """Bytes one gather of `loads` reads over PCIe."""
+    return int(loads.count) * ROW_BYTES
+
+
+def release_pinned() -> None:
+    """Give PyTorch's cached pinned blocks back, so the next store's allocation is fresh memory."""
+    getattr(torch._C, "_host_emptyCache", lambda: None)()
 
 
 def read_sys(path: str) -> str:
@@ -90,7 +108,7 @@ def mapped_host(nbytes: int, method: str) -> torch.Tensor:
 def host_store(seq: int, method: str) -> torch.Tensor:
     """[B, H, seq, 2D] bf16 K-and-V history (the runtime's adjacent layout) in the method's memory."""
     shape = (BATCH, HEADS, seq, 2 * DIM)
-    nbytes = BATCH * HEADS * seq * 2 * DIM * 2
+    nbytes = BATCH * HEADS * seq * ROW_BYTES
     if method == "pinned":
         store = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
         store.view(torch.uint8).view(-1).fill_(1)
@@ -107,7 +125,7 @@ def thp_share() -> str:
 
 
 def measure(method: str, span_gib: float, repeats: int, gemms: GemmLoad) -> dict:
-    seq = int(span_gib * 2**30) // (BATCH * HEADS * 2 * DIM * 2)
+    seq = positions_for(span_gib)
     pool = {"hugetlb-2m": (2048, 512), "hugetlb-1g": (1048576, 1)}.get(method)
     if pool:     # reserved per run and given back after: both pools at once would not fit the host
         held = reserve_huge_pages(pool[0], (int(span_gib) + 1) * pool[1])
@@ -128,18 +146,18 @@ def _measure(method: str, seq: int, repeats: int, gemms: GemmLoad) -> dict:
     host_k, host_v = store[..., :DIM], store[..., DIM:]
     device = torch.device("cuda")
     loads = step_loads(BATCH, HEADS, seq, WIDTH, OVERLAP, device)
-    buf_k, buf_v = (torch.zeros(BATCH, HEADS, WIDTH, DIM, device=device, dtype=torch.bfloat16) for _ in "kv")
+    buf_k, buf_v = buffers(device)
     copy = lambda: el.gather_compact(host_k, host_v, buf_k, buf_v, loads, HEADS)   # noqa: E731
     copy()
     check = host_k[0, 0, loads.entries[1, 0].item()].to(device)
     assert torch.equal(buf_k[0, 0, loads.entries[2, 0].item()], check), "gather read the wrong row"
-    nbytes = int(loads.count) * 2 * DIM * 2
+    nbytes = step_bytes(loads)
     alone, beside = time_ms(copy, repeats), gemms.beside(copy, repeats)
     row = {"method": method, "span_gib": store.numel() * 2 / 2**30, "alloc_s": alloc_s, "mb": nbytes / 1e6,
            "alone_ms": alone, "alone_gbps": nbytes / alone / 1e6, "beside_ms": beside,
            "beside_gbps": nbytes / beside / 1e6, "anon_huge": thp_share()}
     del store, host_k, host_v, copy
-    getattr(torch._C, "_host_emptyCache", lambda: None)()   # give cached pinned blocks back
+    release_pinned()
     return row
 
 
@@ -155,75 +173,77 @@ def buffers(device) -> tuple[torch.Tensor, torch.Tensor]:
 def probe_window(repeats: int) -> list[dict]:
     """64 GiB allocated; rows from all of it, then from its first 1 GiB only."""
     device = torch.device("cuda")
-    seq = 64 * 2**30 // (BATCH * HEADS * 2 * DIM * 2)
+    seq = positions_for(64)
     host_k, host_v = pinned_store(seq)
     buf_k, buf_v = buffers(device)
     rows = []
     for name, drawn_from in (("all 64 GiB", seq), ("first 1/64 of each (request, head)", seq // 64)):
         loads = step_loads(BATCH, HEADS, drawn_from, WIDTH, OVERLAP, device)
         ms = time_ms(lambda: el.gather_compact(host_k, host_v, buf_k, buf_v, loads, HEADS), repeats)
-        rows.append({"probe": "window", "case": name, "ms": ms, "gbps": int(loads.count) * 4 * DIM / ms / 1e6})
+        rows.append({"probe": "window", "case": name, "ms": ms, "gbps": step_bytes(loads) / ms / 1e6})
     for programs in (8, 32, 64, 132):
         loads = step_loads(BATCH, HEADS, seq, WIDTH, OVERLAP, device)
         ms = time_ms(lambda: el.gather_compact(host_k, host_v, buf_k, buf_v, loads, HEADS, programs=programs),
                      repeats)
         rows.append({"probe": "programs", "case": f"{programs} programs, 64 GiB", "ms": ms,
-                     "gbps": int(loads.count) * 4 * DIM / ms / 1e6})
+                     "gbps": step_bytes(loads) / ms / 1e6})
     del host_k, host_v
-    getattr(torch._C, "_host_emptyCache", lambda: None)()
+    release_pinned()
     return rows
 
 
-def probe_rotate(repeats: int, layers: int = 12, seq: int = 130560) -> list[dict]:
-    """The runtime's pattern: one gather per offloaded layer, each from its own 5.9 GB store."""
-    device = torch.device("cuda")
-    stores = [pinned_store(seq) for _ in range(layers)]
-    bufs = [buffers(device) for _ in range(layers)]
-    loads = step_loads(BATCH, HEADS, seq, WIDTH, OVERLAP, device)
-    nbytes = int(loads.count) * 4 * DIM
+class Rotation:
+    """The step's pattern: one gather per offloaded layer, each from its own store of one 128k
+    layer's size (5.9 GB), all copying the same compact list (runtime/prefetch.py shares it)."""
 
-    def all_layers():
-        for (hk, hv), (bk, bv) in zip(stores, bufs):
-            el.gather_compact(hk, hv, bk, bv, loads, HEADS)
+    def __init__(self, layers: int = 12, seq: int = 130560):
+        device = torch.device("cuda")
+        self.stores = [pinned_store(seq) for _ in range(layers)]
+        self.bufs = [buffers(device) for _ in range(layers)]
+        self.loads = step_loads(BATCH, HEADS, seq, WIDTH, OVERLAP, device)
 
-    def one_layer():
-        for bk, bv in bufs:
-            el.gather_compact(*stores[0], bk, bv, loads, HEADS)
+    def all_layers(self, **grid) -> None:
+        for (hk, hv), (bk, bv) in zip(self.stores, self.bufs):
+            el.gather_compact(hk, hv, bk, bv, self.loads, HEADS, **grid)
 
-    rows = []
-    for name, fn in (("12 stores in turn", all_layers), ("one store 12 times", one_layer)):
-        ms = time_ms(fn, repeats) / layers
-        rows.append({"probe": "rotate", "case": name, "ms": ms, "gbps": nbytes / ms / 1e6})
-    del stores
-    getattr(torch._C, "_host_emptyCache", lambda: None)()
+    def one_layer(self) -> None:
+        for bk, bv in self.bufs:
+            el.gather_compact(*self.stores[0], bk, bv, self.loads, HEADS)
+
+    def close(self) -> None:
+        self.stores = []
+        release_pinned()
+
+
+def probe_rotate(repeats: int) -> list[dict]:
+    """12 stores gathered in turn, against one store gathered 12 times."""
+    rotation, rows = Rotation(), []
+    for name, fn in (("12 stores in turn", rotation.all_layers), ("one store 12 times", rotation.one_layer)):
+        ms = time_ms(fn, repeats) / len(rotation.bufs)
+        rows.append({"probe": "rotate", "case": name, "ms": ms, "gbps": step_bytes(rotation.loads) / ms / 1e6})
+    rotation.close()
     return rows
 
 
-def probe_blocks(repeats: int, layers: int = 12, seq: int = 130560) -> list[dict]:
+def probe_blocks(repeats: int) -> list[dict]:
     """The 12-layer rotation over (programs, block rows, warps): alone, beside a decode-like loop,
     and that loop's slowdown beside the rotation."""
     from specontext_compiler.targets_probe import _beside, _DecodeLoop
-    device = torch.device("cuda")
-    stores = [pinned_store(seq) for _ in range(layers)]
-    bufs = [buffers(device) for _ in range(layers)]
-    loads = step_loads(BATCH, HEADS, seq, WIDTH, OVERLAP, device)
-    nbytes, decode = int(loads.count) * 4 * DIM, _DecodeLoop(device)
+    rotation, decode = Rotation(), _DecodeLoop(torch.device("cuda"))
+    layers, nbytes = len(rotation.bufs), step_bytes(rotation.loads)
     decode_ms, rows = time_ms(decode), []
     for programs, block_rows, warps in ((8, 64, 4), (8, 128, 8), (8, 256, 8), (8, 256, 16), (8, 512, 16),
                                         (16, 64, 4), (16, 128, 8), (16, 256, 16), (32, 64, 4)):
-        def rotation():
-            for (hk, hv), (bk, bv) in zip(stores, bufs):
-                el.gather_compact(hk, hv, bk, bv, loads, HEADS, programs=programs, block_rows=block_rows,
-                                  num_warps=warps)
-        alone = time_ms(rotation, repeats) / layers
-        beside = _beside(rotation, decode, decode_ms, repeats) / layers
-        slowed = _beside(decode, rotation, alone * layers, repeats) / decode_ms
+        def grid_rotation():
+            rotation.all_layers(programs=programs, block_rows=block_rows, num_warps=warps)
+        alone = time_ms(grid_rotation, repeats) / layers
+        beside = _beside(grid_rotation, decode, decode_ms, repeats) / layers
+        slowed = _beside(decode, grid_rotation, alone * layers, repeats) / decode_ms
         rows.append({"probe": "blocks", "case": f"{programs} programs x {block_rows} rows, {warps} warps",
                      "ms": alone, "gbps": nbytes / alone / 1e6, "beside_gbps": nbytes / beside / 1e6,
                      "decode_slowdown": slowed})
         print(json.dumps(rows[-1]), flush=True)
-    del stores
-    getattr(torch._C, "_host_emptyCache", lambda: None)()
+    rotation.close()
     return rows
 
 
@@ -238,10 +258,9 @@ def main() -> None:
     spans = [float(s) for s in args.spans_gib.split(",")]
     system = {name: read_sys(path) for name, path in (
         ("thp_enabled", "/sys/kernel/mm/transparent_hugepage/enabled"),
-        ("thp_defrag", "/sys/kernel/mm/transparent_hugepage/defrag"),
-        ("iommu_groups", "/sys/kernel/iommu_groups"))}
-    system["iommu_groups"] = str(len(os.listdir("/sys/kernel/iommu_groups"))) \
-        if os.path.isdir("/sys/kernel/iommu_groups") else "none"
+        ("thp_defrag", "/sys/kernel/mm/transparent_hugepage/defrag"))}
+    groups = "/sys/kernel/iommu_groups"
+    system["iommu_groups"] = str(len(os.listdir(groups))) if os.path.isdir(groups) else "none"
     print(json.dumps(system))
     gemms, rows = GemmLoad(torch.device("cuda")), []
     for method in filter(None, args.methods.split(",")):
