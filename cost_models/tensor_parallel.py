@@ -46,6 +46,11 @@ def rank_kv_heads(num_kv_heads: int, gpus: int) -> list[list[int]]:
     return [[r // replicas * per_rank + k for k in range(per_rank)] for r in range(gpus)]
 
 
+def kv_heads_divide(num_kv_heads: int, gpus: int) -> bool:
+    """The KV heads split evenly over the ranks, or (N > Hkv) each is replicated on N/Hkv ranks."""
+    return num_kv_heads % gpus == 0 if gpus <= num_kv_heads else gpus % num_kv_heads == 0
+
+
 def split_problem(spec: ModelSpec, gpus: int) -> str | None:
     """Why spec's heads or MLP cannot be split over gpus ranks (None when they can)."""
     if gpus < 1:
@@ -56,9 +61,8 @@ def split_problem(spec: ModelSpec, gpus: int) -> str | None:
         return "tensor parallelism over an MLA model's latent cache is not supported"
     if spec.num_heads % gpus:
         return f"{gpus} does not divide the {spec.num_heads} query heads"
-    kv = spec.num_kv_heads
-    if (gpus <= kv and kv % gpus) or (gpus > kv and gpus % kv):
-        return f"{gpus} GPUs and the {kv} KV heads do not divide one another"
+    if not kv_heads_divide(spec.num_kv_heads, gpus):
+        return f"{gpus} GPUs and the {spec.num_kv_heads} KV heads do not divide one another"
     if spec.intermediate_size % gpus:
         return f"{gpus} does not divide the MLP width {spec.intermediate_size}"
     return None
@@ -88,8 +92,7 @@ def rank_spec(spec: ModelSpec, gpus: int) -> ModelSpec:
 
 def head_is_split(head: RetrievalHead, gpus: int, level: str) -> bool:
     """True when the retrieval head's KV heads go over the ranks like the LLM's (see the module doc)."""
-    kv = head.head_num_kv_heads
-    divides = head.head_num_heads % gpus == 0 and ((gpus <= kv and kv % gpus == 0) or (gpus > kv and gpus % kv == 0))
+    divides = head.head_num_heads % gpus == 0 and kv_heads_divide(head.head_num_kv_heads, gpus)
     return gpus > 1 and level == "head" and divides
 
 
