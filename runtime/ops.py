@@ -15,9 +15,16 @@ K selected tokens per group):
   prefetch_wait(ticket, layer) -> ready [1] int64
   record_features(hidden [B,T,H], block) -> nothing (a fused head's tap on the residual stream)
   all_reduce(partial [B,T,H]) -> [B,T,H] (tensor-parallel plans: the sum over the ranks)
+The fused elementwise ops (FuseElementwise: each replaces a run of small aten nodes; pure
+functions of their inputs, Triton on CUDA, the PyTorch reference elsewhere):
+  rms_norm(x [...,N], weight [N], eps, dtype) -> [...,N]
+  add_rms_norm(a, b, weight, eps, dtype) -> (a + b, rms_norm(a + b))
+  rotary(x [B,H,T,D], cos, sin) -> [B,H,T,D] (rotate-half RoPE; cos/sin broadcast to x)
+  silu_mul(gate, up) -> silu(gate) * up
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -110,12 +117,65 @@ def _all_reduce_fake(partial):
     return torch.empty_like(partial)
 
 
+def _fused(family: str, name: str, device: torch.device):
+    """A fused op's implementation: the Triton launcher on CUDA, else the reference (which runs
+    exactly the unfused graph's ops, so a CPU engine's tokens do not change with fusion)."""
+    module = importlib.import_module(f"specontext_compiler.runtime.kernels.{family}")
+    return getattr(module, name if device.type == "cuda" else f"{name}_reference")
+
+
+@torch.library.custom_op("specontext::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype), the Llama-family RMSNorm."""
+    return _fused("rms_norm", "rms_norm", x.device)(x, weight, eps, dtype)
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x, weight, eps, dtype):
+    return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, dtype))
+
+
+@torch.library.custom_op("specontext::add_rms_norm", mutates_args=())
+def add_rms_norm(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a + b, rms_norm(a + b)): a residual add and the norm that reads it."""
+    return _fused("rms_norm", "add_rms_norm", a.device)(a, b, weight, eps, dtype)
+
+
+@add_rms_norm.register_fake
+def _add_rms_norm_fake(a, b, weight, eps, dtype):
+    return (a.new_empty(a.shape, dtype=torch.promote_types(a.dtype, b.dtype)),
+            a.new_empty(a.shape, dtype=torch.promote_types(weight.dtype, dtype)))
+
+
+@torch.library.custom_op("specontext::rotary", mutates_args=())
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin."""
+    return _fused("rotary", "rotary", x.device)(x, cos, sin)
+
+
+@rotary.register_fake
+def _rotary_fake(x, cos, sin):
+    return torch.empty_like(x, dtype=torch.result_type(x, cos))
+
+
+@torch.library.custom_op("specontext::silu_mul", mutates_args=())
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, the gated MLP's activation."""
+    return _fused("silu_mul", "silu_mul", gate.device)(gate, up)
+
+
+@silu_mul.register_fake
+def _silu_mul_fake(gate, up):
+    return gate.new_empty(gate.shape, dtype=torch.result_type(gate, up))
+
+
 # The tap's effect is on the runtime's buffers and nothing reads its (empty) output: declared
 # effectful, so that dead-code elimination keeps it.
 has_side_effect(torch.ops.specontext.record_features.default)
 
 OP_NAMES = ("attention", "retrieve", "sparse_attention", "prefetch_issue", "prefetch_wait", "record_features",
-            "all_reduce")
+            "all_reduce", "rms_norm", "add_rms_norm", "rotary", "silu_mul")
 
 
 def op(name: str):

@@ -33,7 +33,7 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
                   recent_tokens: int = DEFAULT_RECENT_TOKENS, out: str | Path | None = None, dlm: str | None = None,
                   target_file: str | None = None, prompt_len: int | str | None = None,
                   selection_overlap: float = 0.8, level: str = "head", distill: bool = True,
-                  gpus: int = 1, progress: Progress | None = None) -> Plan:
+                  gpus: int = 1, fuse: bool = True, progress: Progress | None = None) -> Plan:
     """Compile a plan for serving MODEL on TARGET up to max_len tokens; write it to `out`.
 
     budget: selected KV tokens per layer per step; None is DEFAULT_BUDGET, or max_len if shorter.
@@ -42,7 +42,9 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     it, else (distill=True and a CUDA GPU) one distilled now into the cache, else self:0 with a
     warning (distill/default_head.py). level: "head" (a token set per KV-head group, the paper's)
     or "batch" (one). gpus: tensor-parallel GPUs of one machine; every cost is then one rank's
-    (cost_models/tensor_parallel.py) and plan.json gains a tensor_parallel record.
+    (cost_models/tensor_parallel.py) and plan.json gains a tensor_parallel record. fuse: replace
+    the graph's norms, RoPE and MLP activation by fused kernels (passes/fuse_elementwise.py);
+    False keeps the captured aten nodes (to compare, or to debug a model the fusion mishandles).
     """
     from specontext_compiler import models
     from specontext_compiler.cost_models.ilp import plan_residency
@@ -76,7 +78,7 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     plan_workload = _plan_workload(workload, solution, level,
                                    _prefill_chunk(spec, workload, hw, solution, windows))
     graph, kernels, passes = _program(clock, source.config, whole_spec, solution, plan_workload, head_info,
-                                      windows, files, tensor_parallel=gpus > 1)
+                                      windows, files, tensor_parallel=gpus > 1, fuse=fuse)
     plan = Plan(schema_version=list(SCHEMA_VERSION), producer=_producer(),
                 model=_plan_model(whole_spec, source, windows), target=_target_record(hw, gpus),
                 workload=plan_workload, retrieval_head=HeadRecord.from_dict(head_info),
@@ -146,7 +148,7 @@ def _default_prompt(max_len: int) -> int:
 
 
 def _program(clock: "_Clock", config, spec, solution, workload: PlanWorkload, head_info: dict, windows: list[int],
-             files: dict, tensor_parallel: bool = False):
+             files: dict, tensor_parallel: bool = False, fuse: bool = True):
     """Export, rewrite and emit the decode step: (graph, kernel and pass records); adds the files."""
     from specontext_compiler.capture import capture_decode_graph
     from specontext_compiler.codegen.emit_graph import emit_graph_source
@@ -160,7 +162,7 @@ def _program(clock: "_Clock", config, spec, solution, workload: PlanWorkload, he
     graph_module, pass_records = run_pipeline(captured.graph_module, offloaded_ever, dict(solution.schedule),
                                               feature_layers=head_info["feature_layers"],
                                               window_layers=[i for i, w in enumerate(windows) if w],
-                                              tensor_parallel=tensor_parallel)
+                                              tensor_parallel=tensor_parallel, fuse=fuse)
 
     clock.stage("codegen")
     graph_source, graph_record = emit_graph_source(graph_module, captured.param_names)

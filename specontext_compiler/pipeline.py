@@ -15,6 +15,7 @@ from specontext_compiler.passes.clean_capture import CleanCapture
 from specontext_compiler.passes.common import PassError, count_ops
 from specontext_compiler.passes.insert_all_reduce import InsertAllReduce
 from specontext_compiler.passes.find_attention import FindAttention
+from specontext_compiler.passes.fuse_elementwise import FuseElementwise
 from specontext_compiler.passes.insert_feature_taps import InsertFeatureTaps
 from specontext_compiler.passes.insert_prefetch import InsertPrefetch
 from specontext_compiler.passes.insert_retrieval_head import InsertRetrievalHead
@@ -25,10 +26,11 @@ Progress = Callable[[str, float], None]
 
 def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *,
                  feature_layers: Iterable[int] = (), window_layers: Iterable[int] = (),
-                 tensor_parallel: bool = False) -> list:
+                 tensor_parallel: bool = False, fuse: bool = True) -> list:
     """The pipeline, in order (feature_layers: a fused head's; none for a plain head;
     window_layers: sliding-window layers, which stay dense; tensor_parallel: a plan over several
-    GPUs, whose row-parallel projections are summed over the ranks)."""
+    GPUs, whose row-parallel projections are summed over the ranks; fuse: the elementwise
+    fusion, last, so that the passes before it match the captured aten nodes)."""
     return [
         CleanCapture(),
         FindAttention(),
@@ -37,12 +39,14 @@ def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *,
         RewriteSparseAttention(window_layers),
         InsertPrefetch(offloaded_layers, schedule),
         *([InsertAllReduce()] if tensor_parallel else []),
+        *([FuseElementwise()] if fuse else []),
     ]
 
 
 def run_pipeline(gm: GraphModule, offloaded_layers: Iterable[int] = (), schedule: dict[int, int] | None = None,
                  progress: Progress | None = None, feature_layers: Iterable[int] = (),
-                 window_layers: Iterable[int] = (), tensor_parallel: bool = False) -> tuple[GraphModule, list[dict]]:
+                 window_layers: Iterable[int] = (), tensor_parallel: bool = False,
+                 fuse: bool = True) -> tuple[GraphModule, list[dict]]:
     """Run every pass on gm; returns the graph and [{pass, seconds, counters, nodes}] per pass.
 
     offloaded_layers: layers whose KV lives in host memory; schedule: {layer: issue_before_layer};
@@ -50,7 +54,7 @@ def run_pipeline(gm: GraphModule, offloaded_layers: Iterable[int] = (), schedule
     """
     records, done = [], []
     for graph_pass in build_passes(offloaded_layers, schedule or {}, feature_layers=feature_layers,
-                                   window_layers=window_layers, tensor_parallel=tensor_parallel):
+                                   window_layers=window_layers, tensor_parallel=tensor_parallel, fuse=fuse):
         name = type(graph_pass).__name__
         start = time.perf_counter()
         try:

@@ -55,7 +55,10 @@ def test_record_and_header(tiny, tmp_path):
     text = (tmp_path / record["file"]).read_text()
     assert text.startswith('"""Decode graph of tiny-llama') and "def forward(params, input_ids, position_ids)" in text
     assert record["op_counts"] == {"specontext.prefetch_issue.default": 1, "specontext.prefetch_wait.default": 1,
-                                   "specontext.retrieve.default": 1, "specontext.sparse_attention.default": 3}
+                                   "specontext.retrieve.default": 1, "specontext.sparse_attention.default": 3,
+                                   # FuseElementwise: 2 norms a layer (all but the first after a residual add)
+                                   "specontext.rms_norm.default": 1, "specontext.add_rms_norm.default": 6,
+                                   "specontext.rotary.default": 6, "specontext.silu_mul.default": 3}
     assert record["inputs"][0] == {"placeholder": "p_model_embed_tokens_weight",
                                    "target": "model.embed_tokens.weight", "kind": "parameter"}
     assert [i["kind"] for i in record["inputs"][-2:]] == ["user_input", "user_input"]
