@@ -17,6 +17,8 @@
 #   prefill     the GPU prefill tests (SDPA paths, offloaded-layer host writes, one chunk vs several),
 #               then bench_prefill.py: 8k and 32k prompts, the engine beside HF's SDPA forward
 #   pytest ARGS the given tests (e.g. one file after a fix)
+#   distill     bench_distill.py: `specontext distill`'s code on a Llama-3.1-8B-shaped model (random
+#               weights), its stages' seconds and peak GPU memory; cut at MAX_SECONDS (default 330)
 # The fused-head GPU tests compile a plan, which needs PuLP: fetch its wheel here once
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl pulp==3.3.2      # 16 MB, bundles CBC
@@ -62,6 +64,9 @@ case "$stage" in
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/runtime/test_attention.py tests/runtime/test_prefill.py \
       2>&1 | tee "$OUT/prefill-tests.log" | tail -5
     python3 benchmarks/bench_prefill.py --out "$OUT" 2>&1 | tee "$OUT/prefill.log" | tail -15 ;;
+  distill)
+    timeout "${MAX_SECONDS:-330}" python3 benchmarks/bench_distill.py --out "$OUT" 2>&1 | tee "$OUT/distill.log" \
+      | grep -v Warning | tail -20 ;;
   pytest)
     python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -15 ;;
   profile)

@@ -13,6 +13,7 @@
 # compiled with --no-fuse or before FuseElementwise existed): the fusion's kernel and engine tests
 # on the GPU first (carry .whl with the PuLP wheel: the engine tests compile plans), then 128k and
 # 32k at 0.8, a profile of the fused 128k step, and bench_prefill on the fused plans;
+# fused-rest: the fused plans' other rows: 128k dense and batch 1, 128k and 32k at 0.7 and 0.9;
 # sweep: every plan once at 0.8 beside HF first (128k, 32k, then dense and batch 1), then the
 # other overlaps, then the profile, so a call cut short at its limit still has the headline rows.
 set -uo pipefail
@@ -28,6 +29,13 @@ e2e() {     # e2e LABEL ARGS...: one bench_e2e run, timed
   echo "$label: $((SECONDS - t0)) s"
 }
 part="${1:-all}"
+if [[ $part == fused-rest ]]; then
+e2e "128k fused dense, batch 1" --contexts 130560 --methods dense,sparse1
+for f in 0.7 0.9; do
+  e2e "128k fused @$f" --contexts 130560 --methods sparse --overlap $f
+  e2e "32k fused @$f" --contexts 32768 --methods sparse --overlap $f
+done
+fi
 if [[ $part == fused ]]; then
 if compgen -G ".whl/pulp-*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

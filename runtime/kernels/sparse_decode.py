@@ -32,6 +32,10 @@ DTYPE = None          # "bfloat16", "float16" or "float32"
 # --- specialization: end ---
 
 _TARGET_PROGRAMS = 264   # ~2 waves of an H100's 132 SMs
+# The split kernel's launch: Triton's defaults (4 warps, its default pipeline depth);
+# benchmarks/bench_sparse_decode.py sweeps these with _TARGET_PROGRAMS on the GPU.
+_SPLIT_WARPS = 4
+_SPLIT_STAGES = None     # None: Triton's default
 # Tensor-core path (tl.dot): compiled GPUs only; the interpreter computes bf16 wrongly, so CPU
 # tests run the fp32 CUDA-core kernel below, and the GPU tests check this one against the reference.
 _TENSOR_CORES = not INTERPRETED
@@ -205,7 +209,8 @@ def sparse_decode(q, k_src, v_src, idx, k_new, v_new, scaling: float) -> torch.T
         q.stride(0), q.stride(1), k_src.stride(0), k_src.stride(1), k_src.stride(2),
         v_src.stride(0), v_src.stride(1), v_src.stride(2), idx.stride(0), idx_head_stride,
         GROUP=group, D=dim, DV=dim_v, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        BLOCK_W=block_w, USE_DOT=use_dot)
+        BLOCK_W=block_w, USE_DOT=use_dot, num_warps=_SPLIT_WARPS,
+        **({"num_stages": _SPLIT_STAGES} if _SPLIT_STAGES else {}))
     out = torch.empty((batch, num_heads, dim_v), dtype=q.dtype, device=q.device)
     _combine_kernel[(batch * num_kv_heads,)](
         q, k_new, v_new, m, l, acc, out, num_kv_heads, splits, scaling,
