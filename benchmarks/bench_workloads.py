@@ -3,7 +3,14 @@
     python benchmarks/bench_workloads.py --workloads 16k:2k,32k:2k --plans benchmarks/plans
 
 Llama-3.1-8B shape, random bf16 weights, random prompts; real chunked prefill through the plan's
-graph, then greedy decoding of every output token through the captured decode step. Plans:
+graph, then greedy decoding of every output token through the captured decode step.
+
+--hf adds Hugging Face's side in the same run, measured, not run to the end (32k eager steps at
+~160 ms would take over an hour): its largest batch at the workload's longest context
+(hf_baselines.largest_fitting_batch), one request's prefill through HF's forward (SDPA) timed and
+counted once per request, and its eager decode step timed at the first, middle and last context
+of the output and integrated over the output steps (trapezoid). Each row then says how many times
+HF's end-to-end tokens/s ours is. Plans:
 `specontext compile llama-3.1-8b --target h100 --prompt-len IN --max-len IN+OUT --budget 2048
 --batch auto -o benchmarks/plans/wl-IN-OUT`. Prints a markdown table last.
 """
@@ -20,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import random_llama  # noqa: E402
+import hf_baselines  # noqa: E402  (benchmark-local helper module)
 
 from specontext_compiler.runtime.plan import load_plan  # noqa: E402
 from specontext_compiler.sizes import parse_tokens  # noqa: E402
@@ -65,12 +73,48 @@ def run_workload(model, plan_dir: Path, prompt_len: int, new_tokens: int, max_se
             "predicted_tokens_per_s": engine.plan.prediction.get("tokens_per_s")}
 
 
+def hf_workload(model, prompt_len: int, new_tokens: int, steps: int = 5) -> dict:
+    """HF's end-to-end tokens/s for the workload, from timed prefill and decode steps (see module doc)."""
+    longest = prompt_len + new_tokens
+    best = hf_baselines.largest_fitting_batch(model, longest, steps,
+                                              hf_baselines.estimate_max_batch(model, longest))
+    if best["oom"]:
+        return {"hf_error": "no batch fits"}
+    batch = best["batch"]
+    prefill_s = _hf_prefill_seconds(model, prompt_len)
+    contexts = (prompt_len, prompt_len + new_tokens // 2, longest - 1)
+    step_ms = [hf_baselines.time_hf_decode(model, batch, c, steps)["step_ms"] for c in contexts[:2]]
+    step_ms.append(best["step_ms"])                     # measured at the longest context already
+    half = new_tokens / 2
+    decode_s = (half * (step_ms[0] + step_ms[1]) / 2 + half * (step_ms[1] + step_ms[2]) / 2) / 1e3
+    total_s = batch * prefill_s + decode_s
+    return {"hf_batch": batch, "hf_prefill_s_per_request": prefill_s, "hf_step_ms": step_ms,
+            "hf_decode_tokens_per_s": batch * new_tokens / decode_s,
+            "hf_end_to_end_tokens_per_s": batch * new_tokens / total_s}
+
+
+def _hf_prefill_seconds(model, prompt_len: int) -> float:
+    """One request's prompt through HF's forward (the model's SDPA attention), best of two."""
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=next(model.parameters()).device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    torch.cuda.empty_cache()
+    return min(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="16k:2k,32k:2k")
     parser.add_argument("--plans", default="benchmarks/plans")
     parser.add_argument("--max-seconds", type=float, default=1e9,
                         help="stop a workload after this much wall time and report the steps it ran")
+    parser.add_argument("--hf", action="store_true", help="measure HF's side of each workload in the same run")
     args = parser.parse_args()
     preset = Path(__file__).resolve().parents[1] / "specontext_compiler" / "presets" / "llama-3.1-8b.json"
     model = random_llama(preset, "cuda")
@@ -82,22 +126,36 @@ def main() -> None:
                                args.max_seconds)
         except Exception as exc:  # one failing workload must not hide the others
             row = {"workload": f"[{prompt_len},{new_tokens}]", "error": str(exc)[:300]}
+        gc.collect()
+        torch.cuda.empty_cache()
+        if args.hf and "error" not in row:
+            try:
+                row.update(hf_workload(model, prompt_len, new_tokens))
+            except Exception as exc:
+                row["hf_error"] = str(exc)[:300]
         rows.append(row)
         print(json.dumps(row), flush=True)
         gc.collect()              # the engine holds reference cycles; free its KV store now
         torch.cuda.empty_cache()
     print("\n| [in, out] | requests | decode steps run | prefill s | decode s | decode tok/s | end-to-end tok/s "
-          "| overlap | predicted tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| overlap | predicted tok/s | HF batch | HF end-to-end tok/s | x HF |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['workload']} | failed: {r['error'][:80]} | | | | | | | |")
+            print(f"| {r['workload']} | failed: {r['error'][:80]} | | | | | | | | | | |")
             continue
         steps = f"{r['steps']}" + ("" if r["finished"] else " (time limit)")
         print(f"| {r['workload']} | {r['requests']} | {steps} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} | "
               f"{r['decode_tokens_per_s']:.1f} | {r['end_to_end_tokens_per_s']:.1f} | "
               f"{r['selection_overlap'] if r['selection_overlap'] is None else round(r['selection_overlap'], 3)} | "
-              f"{r['predicted_tokens_per_s'] and round(r['predicted_tokens_per_s'], 1)} |")
+              f"{r['predicted_tokens_per_s'] and round(r['predicted_tokens_per_s'], 1)} | {_hf_columns(r)} |")
+
+
+def _hf_columns(r: dict) -> str:
+    if "hf_end_to_end_tokens_per_s" not in r:
+        return f"{r.get('hf_error', '')[:40]} | | "
+    hf = r["hf_end_to_end_tokens_per_s"]
+    return f"{r['hf_batch']} | {hf:.1f} | {r['end_to_end_tokens_per_s'] / hf:.1f}x"
 
 
 if __name__ == "__main__":
