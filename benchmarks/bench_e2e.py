@@ -131,7 +131,16 @@ def run_case(method: str, context: int, args) -> dict:
     return {"method": name, "context": context,
             "predicted_step_ms": engine.plan.segment_for(context).predicted.get("step_ms"),
             "predicted_at_measured_overlap_ms": predicted_step(engine.plan, context, measured).step_ms,
-            **result}
+            "byte_floor_ms": byte_floor_ms(engine.plan, context, measured), **result}
+
+
+def byte_floor_ms(plan, context: int, overlap) -> float:
+    """The step if only its bytes counted: max(HBM bytes / the target's HBM rate, bytes copied from
+    host memory / its gather rate), with the bytes of the plan's latency model at this overlap."""
+    step = predicted_step(plan, context, overlap)
+    target = plan.target
+    return max(step.hbm_bytes_per_step / (target["hbm_gbps"] * 1e6),
+               step.h2d_bytes_per_step / (target["pinned_gather_gbps"] * 1e6))
 
 
 def main() -> None:
@@ -186,16 +195,17 @@ def _subprocess_case(method: str, context: int, args) -> dict:
 
 def print_table(rows) -> None:
     print("\n| context | method | batch | step ms | tok/s | peak GPU GB | pinned GB | overlap | predicted ms "
-          "(plan) | predicted ms (measured overlap) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "(plan) | predicted ms (measured overlap) | byte floor ms | step / floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("oom"):
-            print(f"| {r['context']} | {r['method']} | failed: {r.get('error', 'OOM')[:80]} | | | | | | | |")
+            print(f"| {r['context']} | {r['method']} | failed: {r.get('error', 'OOM')[:80]} | | | | | | | | | |")
             continue
         print(f"| {r['context']} | {r['method']} | {r.get('batch')} | {r.get('step_ms', 0):.1f} | "
               f"{r.get('tokens_per_s', 0):.1f} | {r.get('peak_gpu_gb', 0):.1f} | {r.get('pinned_gb', 0) or 0:.1f} | "
               f"{r.get('overlap') if r.get('overlap') is None else round(r['overlap'], 3)} | "
-              f"{_ms(r.get('predicted_step_ms'))} | {_ms(r.get('predicted_at_measured_overlap_ms'))} |")
+              f"{_ms(r.get('predicted_step_ms'))} | {_ms(r.get('predicted_at_measured_overlap_ms'))} | "
+              f"{_ms(r.get('byte_floor_ms'))} | {_ratio(r.get('step_ms'), r.get('byte_floor_ms'))} |")
     print_synthetic_overlap(rows)
 
 
@@ -213,6 +223,10 @@ def print_synthetic_overlap(rows) -> None:
 
 def _share(value) -> str:
     return "" if value is None else f"{value:.3f}"
+
+
+def _ratio(step, floor) -> str:
+    return f"{step / floor:.2f}x" if step and floor else ""
 
 
 def _ms(value) -> str:
