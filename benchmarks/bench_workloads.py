@@ -43,12 +43,15 @@ def run_workload(model, plan_dir: Path, prompt_len: int, new_tokens: int, max_se
     prompts = [torch.randint(0, 100000, (prompt_len,)).tolist() for _ in range(engine.slots)]
     marks = {}
     streamed = []          # request index of every token streamed so far
+    first_request = []     # when each of request 0's tokens arrived: its step times, stalls included
 
     def on_token(index, token):
         if not streamed:
             torch.cuda.synchronize()
             marks["first_token"] = time.perf_counter()
         streamed.append(index)
+        if index == 0:
+            first_request.append(time.perf_counter())
         if time.perf_counter() - start > max_seconds:
             raise _TimeUp
 
@@ -64,7 +67,11 @@ def run_workload(model, plan_dir: Path, prompt_len: int, new_tokens: int, max_se
     generated = len(streamed)
     decode_s = end - marks["first_token"]
     stats = engine.stats()
-    return {"workload": f"[{prompt_len},{new_tokens}]", "requests": engine.slots, "generated": generated,
+    gaps = sorted(b - a for a, b in zip(first_request, first_request[1:])) or [0.0]
+    return {"request0_step_ms_p50": gaps[len(gaps) // 2] * 1e3, "request0_step_ms_p90": gaps[len(gaps) * 9 // 10] * 1e3,
+            "request0_step_ms_max": gaps[-1] * 1e3, "request0_stall_s": sum(g for g in gaps if g > 0.05),
+            "graph_captures": engine.step.captures,
+            "workload": f"[{prompt_len},{new_tokens}]", "requests": engine.slots, "generated": generated,
             "finished": finished, "steps": generated // engine.slots,
             "prefill_s": marks["first_token"] - start, "decode_s": decode_s,
             "decode_tokens_per_s": generated / decode_s, "end_to_end_tokens_per_s": generated / (end - start),
