@@ -5,6 +5,9 @@
 #   bash benchmarks/session_h200_c.sh call3   # 8B distill (capped), sparse-decode sweep, [32k, 2k] beside
 #                                             # HF, 128k dense and batch 1 on the fused graph (~9 min)
 #   bash benchmarks/session_h200_c.sh call4   # [2k, 32k] beside HF (ours cut at 200 s), serving (~6 min)
+#   bash benchmarks/session_h200_c.sh call5   # merged projections (plans in benchmarks/plans-merged, carry
+#                                             # .whl too): GPU engine tests, 128k and 32k at 0.8, and
+#                                             # [32k, 2k] with caches grown once per residency (~4 min)
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -29,5 +32,18 @@ case "${1:-}" in
     timed serving serving.log python3 benchmarks/bench_serving.py benchmarks/plans/sparse-32768 --preset llama-3.1-8b \
       --requests 64 --rate 4 --input-len 2048 --output-len 256 --out "$OUT"
     tail -3 "$OUT/workloads-2k-32k.log"; tail -14 "$OUT/serving.log" ;;
-  *) echo "usage: session_h200_c.sh call3|call4" >&2; exit 2 ;;
+  call5)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/pulp-*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    timed "gpu tests" gpu-tests.log python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu \
+      tests/runtime/test_engine.py tests/runtime/test_prefill.py tests/runtime/kernels/test_fused_elementwise.py
+    timed "128k merged @0.8" e2e-merged-128k.log python3 benchmarks/bench_e2e.py --plans benchmarks/plans-merged \
+      --steps 10 --contexts 130560 --methods sparse --overlap 0.8 --out "$OUT"
+    timed "32k merged @0.8" e2e-merged-32k.log python3 benchmarks/bench_e2e.py --plans benchmarks/plans-merged \
+      --steps 10 --contexts 32768 --methods sparse --overlap 0.8 --out "$OUT"
+    timed "[32k, 2k] merged" workloads-32k-2k-merged.log python3 benchmarks/bench_workloads.py \
+      --plans benchmarks/plans-merged --workloads 32k:2k
+    grep -v "Warning\|^ \|^$\|^tests/" "$OUT/gpu-tests.log" | tail -4; grep -h "^| [0-9]" "$OUT"/e2e-merged-*.log
+    tail -1 "$OUT/workloads-32k-2k-merged.log"; grep -h '^{' "$OUT/workloads-32k-2k-merged.log" | cut -c1-400 ;;
+  *) echo "usage: session_h200_c.sh call3|call4|call5" >&2; exit 2 ;;
 esac

@@ -74,6 +74,19 @@ class Plan:
                 return seg
         return self.segments[-1]
 
+    def residency_end(self, seq_len: int) -> int:
+        """Where the residency at seq_len ends: the end of the run of consecutive segments that
+        keep the same layers offloaded. A resident cache can be sized to it at once: the run's last
+        segment holds the same layers at that length, and the memory model fits it."""
+        segment = self.segment_for(seq_len)
+        start = self.segments.index(segment)
+        end = segment.to_len
+        for later in self.segments[start + 1:]:
+            if sorted(later.offloaded_layers) != sorted(segment.offloaded_layers):
+                break
+            end = later.to_len
+        return end
+
     # -- serialization -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """plan.json's object (every record in its JSON form; no directory)."""

@@ -191,3 +191,31 @@ def test_the_cpu_warning_names_the_callers_line(tiny_model, dense_plan):
     with pytest.warns(UserWarning, match="no CUDA GPU found") as caught:
         dense_plan.bind(tiny_model)
     assert [w.filename for w in caught if "no CUDA GPU" in str(w.message)] == [__file__]
+
+
+def test_a_residency_grows_once_to_its_end_not_per_segment(tiny_model, dense_plan, monkeypatch):
+    """Segments that keep the same layers resident differ only in length: the caches grow once, to
+    where the residency ends (each grow copies every layer and recaptures the step), and a change
+    of residency still grows to the next run's end."""
+    from specontext_compiler.runtime import kv_store
+    num, max_len = dense_plan.model.num_layers, dense_plan.workload.max_len
+    keep = list(range(1, num))
+    plan = dataclasses.replace(dense_plan, segments=[
+        Segment(0, 16, list(range(num)), [], {}), Segment(16, 24, list(range(num)), [], {}),
+        Segment(24, 32, list(range(num)), [], {}), Segment(32, max_len, keep, [0], {})])
+    plan.directory = dense_plan.directory
+    assert [plan.residency_end(n) for n in (1, 15, 16, 31, 32, max_len + 5)] == [32, 32, 32, 32, max_len, max_len]
+    grown = []
+    real_regrown = kv_store._regrown
+    monkeypatch.setattr(kv_store, "_regrown", lambda old, capacity, filled: grown.append(capacity)
+                        or real_regrown(old, capacity, filled))
+    engine = plan.bind(tiny_model, device="cpu")
+    prompt = torch.randint(3, 256, (12,)).tolist()
+    result = engine.generate([prompt], max_new_tokens=30, stop_at_eos=False)[0]
+    monkeypatch.setattr(kv_store, "_regrown", real_regrown)
+    # the same tokens as the plan with one residency and room for every token from the start
+    # (hf_greedy's generate would refuse an end-of-sequence token that the engine may pick)
+    whole = dense_plan.bind(tiny_model, device="cpu").generate([prompt], max_new_tokens=30, stop_at_eos=False)[0]
+    assert result.token_ids == whole.token_ids
+    # K and V of every layer grew from 16 to 32 once (not to 24, then 32), then the resident ones to max-len
+    assert grown == [32] * (2 * num) + [max_len] * (2 * len(keep))
