@@ -25,10 +25,20 @@ class PassError(SpecontextError):
 
 @dataclass(frozen=True)
 class WeightInput:
-    """A placeholder bound to a model tensor (set by capture): its state-dict name and kind."""
+    """A placeholder bound to a model tensor (set by capture, or by MergeProjections for a merged
+    weight): its state-dict name and kind."""
 
     target: str                   # e.g. "model.layers.0.self_attn.q_proj.weight"
-    kind: str                     # parameter / buffer / constant
+    kind: str                     # parameter / buffer / constant / merged
+    parts: tuple[str, ...] = ()   # merged: the state-dict names concatenated, in order
+    dim: int = 0                  # merged: the dimension they are concatenated along
+
+    def record(self, placeholder: str) -> dict:
+        """plan.json's graph.inputs entry for the placeholder of this name."""
+        entry = {"placeholder": placeholder, "target": self.target, "kind": self.kind}
+        if self.kind == "merged":
+            entry.update(parts=list(self.parts), dim=self.dim)
+        return entry
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,13 @@ def placeholder_name(node: object) -> str | None:
         fact = node.meta.get(META_KEY)
         return fact.target if isinstance(fact, WeightInput) else node.name
     return None
+
+
+def weight_inputs(gm: GraphModule) -> list[dict]:
+    """graph.inputs records of the weight placeholders, in placeholder order (after any pass that
+    replaced some, e.g. MergeProjections); a placeholder without a WeightInput is not a weight."""
+    return [node.meta[META_KEY].record(node.name) for node in gm.graph.nodes
+            if node.op == "placeholder" and isinstance(node.meta.get(META_KEY), WeightInput)]
 
 
 def finish(gm: GraphModule) -> None:

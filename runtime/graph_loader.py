@@ -13,6 +13,7 @@ from typing import Callable
 
 from specontext_compiler.errors import PlanError
 from specontext_compiler.runtime.plan_integrity import spec_for_verified_source
+from specontext_compiler.runtime.weights import WEIGHT_KINDS
 
 
 def load_graph(path: str | Path, record) -> Callable:
@@ -29,7 +30,7 @@ def load_graph(path: str | Path, record) -> Callable:
     spec = spec_for_verified_source(module_name, path, digest)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    expected = sum(1 for i in record.inputs if i.get("kind") in ("parameter", "buffer", "constant"))
+    expected = sum(1 for i in record.inputs if i.get("kind") in WEIGHT_KINDS)
     if record.inputs and expected != module.NUM_PARAMS:
         raise PlanError(f"{path.name} takes {module.NUM_PARAMS} weight tensors but plan.json lists {expected}; "
                         "recompile the plan")

@@ -42,9 +42,11 @@ def compile_model(model: str, target: str = "a100", max_len: int | str = "128k",
     it, else (distill=True and a CUDA GPU) one distilled now into the cache, else self:0 with a
     warning (distill/default_head.py). level: "head" (a token set per KV-head group, the paper's)
     or "batch" (one). gpus: tensor-parallel GPUs of one machine; every cost is then one rank's
-    (cost_models/tensor_parallel.py) and plan.json gains a tensor_parallel record. fuse: replace
-    the graph's norms, RoPE and MLP activation by fused kernels (passes/fuse_elementwise.py);
-    False keeps the captured aten nodes (to compare, or to debug a model the fusion mishandles).
+    (cost_models/tensor_parallel.py) and plan.json gains a tensor_parallel record. fuse: merge the
+    projections that read one input into one GEMM (passes/merge_projections.py; not for gpus > 1)
+    and replace the graph's norms, RoPE and MLP activation by fused kernels
+    (passes/fuse_elementwise.py); False keeps the captured aten nodes (to compare, or to debug a
+    model the fusion mishandles).
     """
     from specontext_compiler import models
     from specontext_compiler.cost_models.ilp import plan_residency
@@ -165,7 +167,7 @@ def _program(clock: "_Clock", config, spec, solution, workload: PlanWorkload, he
                                               tensor_parallel=tensor_parallel, fuse=fuse)
 
     clock.stage("codegen")
-    graph_source, graph_record = emit_graph_source(graph_module, captured.param_names)
+    graph_source, graph_record = emit_graph_source(graph_module)
     files["decode_graph.py"] = graph_source
     kernel_files, kernel_records = emit_kernels(spec.to_dict(), asdict(workload))
     files.update(kernel_files)

@@ -19,6 +19,7 @@ from specontext_compiler.passes.fuse_elementwise import FuseElementwise
 from specontext_compiler.passes.insert_feature_taps import InsertFeatureTaps
 from specontext_compiler.passes.insert_prefetch import InsertPrefetch
 from specontext_compiler.passes.insert_retrieval_head import InsertRetrievalHead
+from specontext_compiler.passes.merge_projections import MergeProjections
 from specontext_compiler.passes.rewrite_sparse_attention import RewriteSparseAttention
 
 Progress = Callable[[str, float], None]
@@ -29,8 +30,9 @@ def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *,
                  tensor_parallel: bool = False, fuse: bool = True) -> list:
     """The pipeline, in order (feature_layers: a fused head's; none for a plain head;
     window_layers: sliding-window layers, which stay dense; tensor_parallel: a plan over several
-    GPUs, whose row-parallel projections are summed over the ranks; fuse: the elementwise
-    fusion, last, so that the passes before it match the captured aten nodes)."""
+    GPUs, whose row-parallel projections are summed over the ranks; fuse: the projection merge and
+    the elementwise fusion, last, so that the passes before them match the captured aten nodes; a
+    tensor-parallel plan is not merged, as its runtime shards each weight by its own name)."""
     return [
         CleanCapture(),
         FindAttention(),
@@ -39,6 +41,7 @@ def build_passes(offloaded_layers: Iterable[int], schedule: dict[int, int], *,
         RewriteSparseAttention(window_layers),
         InsertPrefetch(offloaded_layers, schedule),
         *([InsertAllReduce()] if tensor_parallel else []),
+        *([MergeProjections()] if fuse and not tensor_parallel else []),
         *([FuseElementwise()] if fuse else []),
     ]
 

@@ -38,7 +38,7 @@ def _compile(config, tmp_path, offloaded=None):
         CleanCapture()(gm)
     else:
         gm, _ = run_pipeline(gm, offloaded, {layer: 0 for layer in offloaded})
-    source, record = emit_graph_source(gm, captured.param_names, model="tiny-llama")
+    source, record = emit_graph_source(gm, model="tiny-llama")
     path = tmp_path / record["file"]
     path.write_text(source)
     return gm, load_graph(path, GraphRecord.from_dict(record)), record
@@ -62,7 +62,13 @@ def test_record_and_header(tiny, tmp_path):
     assert record["inputs"][0] == {"placeholder": "p_model_embed_tokens_weight",
                                    "target": "model.embed_tokens.weight", "kind": "parameter"}
     assert [i["kind"] for i in record["inputs"][-2:]] == ["user_input", "user_input"]
-    assert len(_params(model, record)) == len(record["inputs"]) - 2
+    # MergeProjections: q/k/v and gate/up of each layer are one input each, bound as one tensor
+    assert [i["target"] for i in record["inputs"] if i["kind"] == "merged"] == [
+        f"model.layers.{layer}.{part}.weight" for layer in range(3)
+        for part in ("self_attn.q_proj+k_proj+v_proj", "mlp.gate_proj+up_proj")]
+    params = _params(model, record)
+    assert len(params) == len(record["inputs"]) - 2
+    assert params[1].shape == (64 + 2 * 2 * 16, 64)          # q (4 heads) + k, v (2 KV heads) of width 16
 
 
 def test_loaded_source_equals_graph_module(tiny, tmp_path):

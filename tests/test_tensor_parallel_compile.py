@@ -39,6 +39,14 @@ def test_one_gpu_plan_carries_no_tensor_parallel_record(plans):
     assert not set(INTERCONNECT_KEYS) & (set(data["target"]) | set(data["target"]["sources"]))
 
 
+def test_only_the_one_gpu_plan_merges_projections(plans):
+    """A rank shards each weight by its own name (runtime/tensor_parallel.py): no merged inputs there."""
+    for gpus, plan in plans.items():
+        merged = [i for i in plan.graph.inputs if i["kind"] == "merged"]
+        assert len(merged) == (2 * plan.model.num_layers if gpus == 1 else 0)
+        assert ("MergeProjections" in [p.name for p in plan.passes]) == (gpus == 1)
+
+
 @pytest.mark.parametrize("gpus", GPUS[1:])
 def test_per_rank_memory_adds_up_to_the_whole(plans, gpus):
     whole, plan = plans[1], plans[gpus]

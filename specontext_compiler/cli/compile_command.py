@@ -110,7 +110,7 @@ def compile_cmd(
     level: Annotated[str, typer.Option("--level", metavar="head|batch", help="Selection level: 'head' picks tokens per KV-head group (the paper's; a --dlm must map its KV heads onto the LLM's), 'batch' one shared set per request (any geometry).")] = "head",
     selection_overlap: Annotated[float, typer.Option("--selection-overlap", metavar="F", help="Expected share of a step's selected rows already selected at the previous step (paper: over 0.8; measure yours with benchmarks/measure_overlap.py); elastic loading copies the rest.")] = 0.8,
     gpus: Annotated[int, typer.Option("--gpus", min=1, metavar="N", help="GPUs of one machine to split the model over (tensor parallelism: heads, KV heads and MLP per rank, an all-reduce after attention and after the MLP); costs and memory are then per rank. The target needs nvlink_gbps and nvlink_latency_us.")] = 1,
-    fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Fuse each layer's RMSNorms, RoPE and MLP activation into single kernels (default). --no-fuse keeps the captured ops: to compare, or to debug a model.")] = True,
+    fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Merge the projections that read one input (q/k/v, gate/up) into one GEMM and fuse each layer's RMSNorms, RoPE and MLP activation into single kernels (default). --no-fuse keeps the captured ops: to compare, or to debug a model.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan summary as JSON instead of tables.")] = False,
 ) -> None:
     """Compile MODEL into a plan directory for a target GPU and a longest sequence length.

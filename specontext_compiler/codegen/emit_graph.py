@@ -11,7 +11,7 @@ import hashlib
 
 from torch.fx import GraphModule
 
-from specontext_compiler.passes.common import count_ops
+from specontext_compiler.passes.common import count_ops, weight_inputs
 
 FILE_NAME = "decode_graph.py"
 USER_INPUTS = ("input_ids", "position_ids")
@@ -53,11 +53,16 @@ def forward(params, input_ids, position_ids):
 '''
 
 
-def emit_graph_source(gm: GraphModule, param_names: list[dict], model: str = "the model") -> tuple[str, dict]:
-    """Source of decode_graph.py and its record {file, sha256, inputs, op_counts, nodes}."""
+def emit_graph_source(gm: GraphModule, model: str = "the model") -> tuple[str, dict]:
+    """Source of decode_graph.py and its record {file, sha256, inputs, op_counts, nodes}.
+
+    The weight inputs are read from the graph's placeholders (their WeightInput facts), not from
+    the capture's list: passes may have replaced some (MergeProjections' merged weights)."""
+    param_names = weight_inputs(gm)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     expected = [p["placeholder"] for p in param_names] + list(USER_INPUTS)
-    assert placeholders == expected, f"graph inputs {placeholders[-3:]} do not match the captured weights"
+    assert placeholders == expected, (f"graph inputs {placeholders[len(param_names):]} are not the user inputs "
+                                      f"{list(USER_INPUTS)} after the weights (a placeholder without a WeightInput?)")
     assert not any(n.op in ("get_attr", "call_module") for n in gm.graph.nodes), "graph has module state"
     code = gm.graph.python_code(root_module="self")
     unknown = sorted(set(code.globals) - set(_GLOBAL_DEFS))
@@ -71,8 +76,7 @@ def emit_graph_source(gm: GraphModule, param_names: list[dict], model: str = "th
     record = {
         "file": FILE_NAME,
         "sha256": hashlib.sha256(source.encode()).hexdigest(),
-        "inputs": [{"placeholder": p["placeholder"], "target": p["target"], "kind": p["kind"]} for p in param_names]
-        + [{"placeholder": name, "target": name, "kind": "user_input"} for name in USER_INPUTS],
+        "inputs": param_names + [{"placeholder": name, "target": name, "kind": "user_input"} for name in USER_INPUTS],
         "op_counts": counts,
         "nodes": len(gm.graph.nodes),
     }

@@ -44,7 +44,7 @@ def test_taps_survive_dead_code_elimination_and_codegen(rewritten):
     InsertFeatureTaps((1,))(gm)
     gm.graph.eliminate_dead_code()     # nothing reads a tap's output; the op is declared effectful
     assert len(nodes_of(gm, "record_features")) == 1
-    source, record = emit_graph_source(gm, rewritten.param_names)
+    source, record = emit_graph_source(gm)
     assert record["op_counts"]["specontext.record_features.default"] == 1
     assert "torch.ops.specontext.record_features.default(" in source
 

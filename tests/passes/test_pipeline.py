@@ -9,7 +9,7 @@ def test_runs_every_pass_in_order_and_records_counters(captured):
     gm, records = run_pipeline(captured.graph_module, [2], {2: 1}, progress=lambda name, s: seen.append(name))
     gm.graph.lint()
     names = ["CleanCapture", "FindAttention", "InsertRetrievalHead", "InsertFeatureTaps", "RewriteSparseAttention",
-             "InsertPrefetch", "FuseElementwise"]
+             "InsertPrefetch", "MergeProjections", "FuseElementwise"]
     assert seen == names and [r["pass"] for r in records] == names + ["summary"]
     assert all(r["seconds"] >= 0 for r in records)
     counts = count_ops(gm)

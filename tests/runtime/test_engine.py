@@ -1,5 +1,6 @@
 """The engine end to end on CPU: compile a plan for a tiny model, bind random weights, generate."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -34,6 +35,69 @@ def test_dense_budget_matches_hf_greedy_token_for_token(tiny_model, hf_greedy, d
     results = engine.generate(prompts, max_new_tokens=12, stop_at_eos=False)
     for prompt, result in zip(prompts, results):
         assert result.token_ids == hf_greedy(tiny_model, prompt, 12)
+
+
+def _argmax_tokens(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """HF's forward, greedy, with no logits processor (HF's generate keeps the end-of-sequence token
+    out until min_new_tokens; the engine with stop_at_eos=False does not)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def test_merged_projections_give_the_unmerged_plans_tokens(tiny_model, dense_plan, tmp_path):
+    """dense_plan merges each layer's q/k/v and gate/up (MergeProjections); a --no-fuse plan keeps
+    the captured linears: both generate HF's greedy tokens, exactly."""
+    compile_model("tiny-llama", target="h100", max_len=512, budget=512, recent_tokens=0, out=tmp_path / "u",
+                  fuse=False)
+    unmerged = load_plan(tmp_path / "u")
+    assert not [i for i in unmerged.graph.inputs if i["kind"] == "merged"]
+    assert len([i for i in dense_plan.graph.inputs if i["kind"] == "merged"]) == 2 * 3
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (9, 23)]
+    tokens = [[r.token_ids for r in plan.bind(tiny_model, device="cpu").generate(prompts, max_new_tokens=12,
+                                                                              stop_at_eos=False)]
+              for plan in (dense_plan, unmerged)]
+    assert tokens[0] == tokens[1] == [_argmax_tokens(tiny_model, p, 12) for p in prompts]
+
+
+def _held_bytes(*tensors) -> int:
+    """Bytes of the distinct storages behind the tensors (shared ones counted once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def test_bind_holds_each_merged_weight_once(dense_plan):
+    """plan.json names each merged input's parts; bind builds the merged tensor and re-points the
+    parts' Parameters to its rows, so no weight is held twice (the plan's memory model counts the
+    weights once) and the HF model object still computes with the same values."""
+    data = json.loads((dense_plan.directory / "plan.json").read_text())
+    weights = [i for i in data["graph"]["inputs"] if i["kind"] != "user_input"]
+    merged = [(n, i) for n, i in enumerate(weights) if i["kind"] == "merged"]
+    assert merged[0][1] == {"placeholder": "p_model_layers_0_self_attn_q_proj_k_proj_v_proj_weight",
+                            "target": "model.layers.0.self_attn.q_proj+k_proj+v_proj.weight", "kind": "merged",
+                            "parts": [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"], "dim": 0}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(load_preset_config("tiny-llama"), dtype=torch.float32).eval()
+    values = {name: p.detach().clone() for name, p in model.named_parameters()}
+    held = _held_bytes(*model.parameters(), *model.buffers())
+    engine = dense_plan.bind(model, device="cpu")
+    named = dict(model.named_parameters())
+    for index, spec in merged:
+        tensor, start = engine.params[index], 0
+        for name in spec["parts"]:
+            part = named[name]
+            assert part.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()   # a view of it
+            assert torch.equal(part, values[name]) and torch.equal(tensor[start:start + part.shape[0]], part)
+            start += part.shape[0]
+        assert start == tensor.shape[0]
+    assert _held_bytes(*model.parameters(), *model.buffers(), *engine.params) == held
+    again = dense_plan.bind(model, device="cpu")            # a second bind reuses the merged tensors
+    assert _held_bytes(*model.parameters(), *model.buffers(), *engine.params, *again.params) == held
+    prompt = torch.randint(3, 256, (11,)).tolist()
+    assert engine.generate([prompt], max_new_tokens=8, stop_at_eos=False)[0].token_ids \
+        == _argmax_tokens(model, prompt, 8)
 
 
 def test_layers_offloaded_mid_generation_still_match_hf(tiny_model, hf_greedy, dense_plan):

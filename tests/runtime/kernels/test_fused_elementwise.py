@@ -82,6 +82,24 @@ def test_silu_mul_matches_reference(dtype):
     assert_close(sm.silu_mul(gate, up), sm.silu_mul_reference(gate, up))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("steps", [1, 3])
+def test_silu_mul_reads_the_halves_of_a_merged_gate_up_in_place(dtype, steps):
+    """As MergeProjections leaves them: gate and up are the two halves of one [B, T, 2I] output,
+    views whose rows are 2I apart; the kernel reads them without a copy."""
+    torch.manual_seed(6)
+    width = 1100                                 # two blocks a row, the second one partial
+    merged = torch.randn(2, steps, 2 * width).mul(4).to(dtype)
+    gate, up = merged[..., :width], merged[..., width:]
+    assert not gate.is_contiguous() and gate.stride()[-2:] == (2 * width, 1)
+    for half in (gate, up):                      # what the kernel is handed: the same memory, strided rows
+        rows = sm._rows(half, width)
+        assert rows.data_ptr() == half.data_ptr() and rows.stride() == (2 * width, 1)
+    out = sm.silu_mul(gate, up)
+    assert out.is_contiguous()
+    assert_close(out, sm.silu_mul_reference(gate, up))
+
+
 def test_empty_inputs_launch_nothing():
     x = torch.empty(0, 16)
     assert rn.rms_norm(x, torch.ones(16), 1e-5, torch.float32).shape == (0, 16)
