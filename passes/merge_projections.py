@@ -21,10 +21,12 @@ Ensures:  no two mergeable linears share an input; one merged placeholder per me
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 
 import torch
+from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -133,9 +135,15 @@ def _kind(node: Node) -> str | None:
 
 
 def _set_vals(parts: list[Node], weight: Node, merged: Node, outputs: list[Node]) -> None:
-    """Shape facts of the new nodes, computed on the parts' fake tensors (symbolic batch kept)."""
+    """Shape facts of the new nodes, computed on the parts' fake tensors (symbolic batch kept).
+
+    Inside the capture's own fake mode: torch 2.11 (the GPU machine's) refuses an aten op on fake
+    tensors with symbolic sizes outside it ("Cannot call numel() on tensor with symbolic
+    sizes"), which 2.13 tolerates."""
     x_val = merged.args[0].meta.get("val")
-    with torch.no_grad():
+    vals = [p.meta["val"] for p in parts] + ([x_val] if isinstance(x_val, torch.Tensor) else [])
+    mode = detect_fake_mode(vals)
+    with torch.no_grad(), (mode if mode is not None else contextlib.nullcontext()):
         weight.meta["val"] = torch.cat([p.meta["val"] for p in parts])
         if not isinstance(x_val, torch.Tensor):
             return
