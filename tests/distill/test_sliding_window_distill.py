@@ -67,3 +67,18 @@ def test_all_teacher_layers_means_the_global_ones_and_a_local_layer_is_refused(g
     with pytest.raises(SpecontextError, match=r"teacher layers \[1\] are sliding-window layers"):
         distill_retrieval_head(gemma, tokenizer, sequences=4, seq_len=256, feature_layers=(1, 3),
                                teacher_layers=(1, 2))
+
+
+def test_the_cli_summary_lists_copy_scores_of_global_layers_only(gemma, tokenizer, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from specontext_compiler.cli.distill_command import _distill_summary
+    _, report = distill_retrieval_head(gemma, tokenizer, sequences=2, seq_len=256, feature_layers=(1, 3),
+                                       epochs=1, queries=16, name="tiny-gemma")
+    assert report["teacher_layer_choice"]["scores"][0] is None
+    text = io.StringIO()
+    Console(file=text, width=200).print(_distill_summary(report, tmp_path / "head.safetensors"))
+    row = next(line for line in text.getvalue().splitlines() if "copy score, best layers" in line)
+    assert [int(item.split(":")[0]) for item in row.split("layers", 1)[1].split(",")] in ([2, 4], [4, 2])
