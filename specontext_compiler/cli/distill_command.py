@@ -95,7 +95,8 @@ def _distill_summary(report: dict, out: Path) -> Table:
         rows.append(("teacher layers", ", ".join(map(str, report["teacher_layers"])) + chosen))
     if report.get("teacher_layer_choice"):
         scores = report["teacher_layer_choice"]["scores"]
-        best = sorted(range(len(scores)), key=lambda i: -scores[i])[:6]
+        scored = [i for i, score in enumerate(scores) if score is not None]     # None: a sliding-window layer
+        best = sorted(scored, key=lambda i: -scores[i])[:6]
         rows.append(("copy score, best layers", ", ".join(f"{i}: {scores[i]:.3f}" for i in best)))
     if report.get("loss_level", "head") != "head":
         rows.append(("loss", f"per {report['loss_level']}"))

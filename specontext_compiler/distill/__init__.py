@@ -50,7 +50,8 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
     documents with facts asked about later (corpus.py). Both defaults scored best on SmolLM2 at
     budgets 256-1024 (benchmarks/ACCURACY.md). teacher_layers: the LLM layers the teacher
     aggregates: "auto" (layer_choice: the layers that look up far context on this text; the
-    scores go into report["teacher_layer_choice"]), None for all, or indices. loss_level: "head"
+    scores go into report["teacher_layer_choice"]), None for all, or indices; on a model with
+    sliding-window layers (Gemma-3) only its global layers, the ones that select, qualify. loss_level: "head"
     fits each query head to the LLM head of its index, "group" each selection group's mixture of
     heads (train.cross_entropy), the default: on SmolLM2 with the automatic teacher layers it found
     the 8k passkey in 35 of 45 cases against full attention's 36 (benchmarks/ACCURACY.md).
@@ -73,6 +74,8 @@ def distill_retrieval_head(model, tokenizer, *, sequences: int = 48, seq_len: in
         choice = layer_choice.auto_teacher_layers(
             model, probe, recent, progress=lambda done, total: report_progress("layers", done, total, ""))
         teacher_layers = tuple(choice["layers"])
+    elif teacher_layers is None:
+        teacher_layers = _all_selecting_layers(config)
     choose_s = time.perf_counter() - started
     samples = _teacher_samples(model, texts, layers, teacher_layers, teacher_aggregate, seq_len=seq_len,
                                queries=queries, recent=recent, seed=seed, progress=report_progress)
@@ -123,6 +126,13 @@ def _train(model, samples, feature_layers, *, epochs, lr, seed, recent, loss_lev
     return head.to("cpu"), history
 
 
+def _all_selecting_layers(config) -> tuple[int, ...] | None:
+    """teacher_layers=None ("all"): None when every layer selects, else the global layers only."""
+    from specontext_compiler.distill.layer_choice import selecting_layers
+    selecting = selecting_layers(config)
+    return None if len(selecting) == config.num_hidden_layers else selecting
+
+
 def _check_arguments(config, *, sequences: int, seq_len: int, epochs: int, lr: float,
                      feature_layers: tuple[int, ...], teacher_layers: tuple[int, ...] | str | None = None,
                      loss_level: str = "head") -> None:
@@ -146,6 +156,11 @@ def _check_arguments(config, *, sequences: int, seq_len: int, epochs: int, lr: f
                                                                    for i in teacher_layers)):
         raise SpecontextError(f"teacher layers {list(teacher_layers)} must be layer indices in "
                               f"0..{config.num_hidden_layers - 1}")
+    from specontext_compiler.distill.layer_choice import selecting_layers
+    local = sorted(set(teacher_layers or ()) - set(selecting_layers(config)))
+    if local:
+        raise SpecontextError(f"teacher layers {local} are sliding-window layers, which keep their window and "
+                              f"never select; choose among the global layers {list(selecting_layers(config))}")
 
 
 def _model_name(model) -> str:

@@ -11,7 +11,7 @@ far context, where a passkey is looked up; `layer_choice` finds them). The same 
 hidden states that a fused head reads (`feature_layers`, HF output_hidden_states indices), tapped
 at those layers only. The forward runs on the model's device (bf16 autocast on CUDA); each layer's
 attention is reduced into the aggregate as the layer runs, so memory does not grow with depth.
-Stored in fp16 (features in bf16 for a bf16 model), on the CPU by default.
+Stored in fp16 (features in bf16 when fp16 cannot hold them), on the CPU by default.
 """
 from __future__ import annotations
 
@@ -141,6 +141,15 @@ def feature_taps(model, feature_layers: tuple[int, ...]):
             handle.remove()
 
 
+def feature_storage_dtype(features: torch.Tensor) -> torch.dtype:
+    """fp16 (finer than bf16) for hidden states within its range, else bf16: a bf16 model's may
+    outgrow fp16, and so do an fp32 model's at times (Gemma-3-270M's reach ~76,000, fp16 ends at
+    65,504, and an inf feature turns the head's RMS norm into NaN)."""
+    if features.dtype == torch.bfloat16 or float(features.abs().max()) > torch.finfo(torch.float16).max:
+        return torch.bfloat16
+    return torch.float16
+
+
 @torch.no_grad()
 def collect(model, ids: torch.Tensor, positions: torch.Tensor, feature_layers: tuple[int, ...],
             recent: int, aggregate: str = "mean", layers: tuple[int, ...] | None = None,
@@ -158,8 +167,7 @@ def collect(model, ids: torch.Tensor, positions: torch.Tensor, feature_layers: t
     with attention_capture(model, hook), feature_taps(model, feature_layers) as taken, autocast(device):
         model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1)
     features = torch.cat([taken[i][0] for i in feature_layers], dim=-1)
-    # bf16 models keep bf16 features: their hidden states can outgrow fp16's range
-    features = features.to(torch.bfloat16 if features.dtype == torch.bfloat16 else torch.float16)
+    features = features.to(feature_storage_dtype(features))
     return TeacherSample(ids=ids.clone().cpu(), positions=positions.cpu(), teacher=hook.teacher().half().to(store),
                          features=features.to(store))
 

@@ -31,7 +31,11 @@ def _linear_init(rows: int, columns: int, generator: torch.Generator) -> torch.T
 
 
 def fused_student(base: RetrievalHead, feature_layers: tuple[int, ...], seed: int) -> RetrievalHead:
-    """A fused head whose embedding half is `base` (a plain head) and whose feature half is fresh."""
+    """A fused head whose embedding half is `base` (a plain head) and whose feature half is fresh.
+
+    Everything else of `base` carries over, Gemma's per-head q/k norms and (1 + w) norm offset
+    included: without them the student would not start as its base's layer 0 (Gemma's norm
+    weights sit near 0, so a plain w-scaled norm all but zeroes the projections' input)."""
     hidden, generator = base.hidden_size, torch.Generator().manual_seed(seed)
     width = len(feature_layers) * hidden
 
@@ -39,11 +43,14 @@ def fused_student(base: RetrievalHead, feature_layers: tuple[int, ...], seed: in
         fresh = _linear_init(weight.shape[0], 2 * hidden, generator)[:, hidden:] * FEATURE_INIT_SCALE
         return torch.cat([weight.detach().float().cpu(), fresh], dim=1)
 
+    def copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.detach().float().cpu().clone()
+
     return RetrievalHead(
-        embedding=base.embedding, norm_weight=base.norm_weight.detach().float().cpu().clone(),
+        embedding=base.embedding, norm_weight=copy(base.norm_weight),
         q_weight=widen(base.q_weight), k_weight=widen(base.k_weight),
-        q_bias=None if base.q_bias is None else base.q_bias.detach().float().cpu(),
-        k_bias=None if base.k_bias is None else base.k_bias.detach().float().cpu(),
+        q_bias=copy(base.q_bias), k_bias=copy(base.k_bias),
+        q_norm_weight=copy(base.q_norm_weight), k_norm_weight=copy(base.k_norm_weight), norm_offset=base.norm_offset,
         num_heads=base.num_heads, num_kv_heads=base.num_kv_heads, head_dim=base.head_dim,
         norm_eps=base.norm_eps, rope=base.rope, max_position_embeddings=base.max_position_embeddings,
         embedding_shared=base.embedding_shared, embedding_name=base.embedding_name,
@@ -52,7 +59,8 @@ def fused_student(base: RetrievalHead, feature_layers: tuple[int, ...], seed: in
         feature_norm_weight=torch.ones(width))
 
 
-TRAINED = ("norm_weight", "q_weight", "k_weight", "q_bias", "k_bias", "fc_weight", "feature_norm_weight")
+TRAINED = ("norm_weight", "q_weight", "k_weight", "q_bias", "k_bias", "fc_weight", "feature_norm_weight",
+           "q_norm_weight", "k_norm_weight")
 
 
 def trainable(head: RetrievalHead) -> list[torch.Tensor]:

@@ -64,3 +64,18 @@ def test_a_bf16_model_gives_bf16_features_and_about_the_fp32_teacher(model):
     got = teacher.collect(low, ids, positions, feature_layers=(1,), recent=RECENT)
     assert got.features.dtype == torch.bfloat16 and got.teacher.dtype == torch.float16
     assert float((got.teacher.float() - want.teacher.float()).abs().sum(-1).max()) < 0.1    # total variation
+
+
+def test_hidden_states_beyond_fp16_range_are_stored_in_bf16_not_as_inf(model):
+    """Gemma-3-270M's fp32 hidden states reach ~76,000, past fp16's 65,504: stored in fp16 they
+    became inf and the head's feature norm NaN (validation loss nan)."""
+    import copy
+    seq_len, positions = 120, torch.tensor([60, 119])
+    ids = torch.randint(0, model.config.vocab_size, (seq_len,))
+    assert teacher.collect(model, ids, positions, feature_layers=(0,), recent=RECENT).features.dtype == torch.float16
+    loud = copy.deepcopy(model)
+    with torch.no_grad():
+        loud.model.embed_tokens.weight.mul_(1e6)        # feature 0 is the embedding output itself
+    sample = teacher.collect(loud, ids, positions, feature_layers=(0,), recent=RECENT)
+    assert sample.features.dtype == torch.bfloat16 and torch.isfinite(sample.features).all()
+    assert float(sample.features.float().abs().max()) > torch.finfo(torch.float16).max
