@@ -49,6 +49,7 @@ def _sync() -> None:
 def run_workload(model, plan_dir: Path, prompt_len: int, new_tokens: int, max_seconds: float) -> dict:
     """Serve the plan's request count; stop early (and say so) after max_seconds of wall time."""
     engine = load_plan(plan_dir).bind(model, device=next(model.parameters()).device)
+    engine.warm_up()       # as a server does before it listens: kernels compiled, step captured
     vocab = engine.plan.model.vocab_size
     prompts = [torch.randint(0, min(vocab, 100000), (prompt_len,)).tolist() for _ in range(engine.slots)]
     marks = {}

@@ -10,6 +10,7 @@ generate() and stream() are thin clients of the scheduler.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from collections import deque
@@ -223,6 +224,23 @@ class Engine:
                 raise RuntimeResourceError("text prompts need a tokenizer; pass tokenizer= to bind() or token ids")
             return list(self.tokenizer(prompt)["input_ids"])
         return [int(t) for t in prompt]
+
+    def warm_up(self, prompt_tokens: int = 16) -> float:
+        """Serve one short throwaway request, then zero the counters; returns its seconds.
+
+        On a GPU the first request otherwise pays for compiling every Triton kernel of prefill and
+        decode and for capturing the step (5.9 s on an H200 for the 8B graph, inside the first
+        token's latency: benchmarks/RESULTS.md, "Calls 3-5"); a server warms up before it listens,
+        as vLLM does. The request runs at the first residency, so the captured step is the one the
+        first real requests replay; its slot is reset when a request next takes it."""
+        started = time.perf_counter()
+        prompt = [1 + i % max(1, self.plan.model.vocab_size - 1) for i in range(prompt_tokens)]
+        self.generate([prompt], max_new_tokens=2, stop_at_eos=False)
+        scheduler, fetcher = self.scheduler, self.ctx.prefetcher
+        scheduler.decode_steps = scheduler.prefill_chunks = scheduler.generated_tokens = 0
+        fetcher.rows_loaded.zero_()
+        fetcher.rows_requested.zero_()
+        return time.perf_counter() - started
 
     # -- reporting ---------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -9,6 +9,7 @@ one-line reason before it reaches the engine; a request that fails inside the en
 
 import contextlib
 import json
+import sys
 import time
 import uuid
 from typing import Any
@@ -193,6 +194,8 @@ def serve(plan_dir, model: str | None, host: str, port: int, dlm: str | None = N
     source = resolve_model(plan, model)
     from specontext_compiler.dlm import head_for_plan
     engine = plan.bind(source, dlm=head_for_plan(dlm, plan) if dlm else None)
+    seconds = engine.warm_up()         # compile and capture now, not in the first request's latency
+    print(f"note: warmed up in {seconds:.1f} s (kernels compiled, decode step captured)", file=sys.stderr)
     uvicorn.run(create_app(engine, model_name=str(model or plan.model.source or plan_dir)),
                 host=host, port=port, log_level="info")
 

@@ -283,3 +283,17 @@ def test_a_residency_grows_once_to_its_end_not_per_segment(tiny_model, dense_pla
     assert result.token_ids == whole.token_ids
     # K and V of every layer grew from 16 to 32 once (not to 24, then 32), then the resident ones to max-len
     assert grown == [32] * (2 * num) + [max_len] * (2 * len(keep))
+
+
+def test_warm_up_leaves_the_engine_as_a_fresh_one(tiny_model, dense_plan):
+    """A throwaway request compiles and captures on a GPU; afterwards the counters are zero and
+    requests get the tokens a fresh engine gives them."""
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (9, 23)]
+    fresh = dense_plan.bind(tiny_model, device="cpu").generate(prompts, max_new_tokens=8, stop_at_eos=False)
+    engine = dense_plan.bind(tiny_model, device="cpu")
+    assert engine.warm_up() > 0
+    scheduler = engine.scheduler
+    assert (scheduler.decode_steps, scheduler.prefill_chunks, scheduler.generated_tokens) == (0, 0, 0)
+    assert engine.stats()["rows_requested"] == 0 and not scheduler.has_work()
+    warmed = engine.generate(prompts, max_new_tokens=8, stop_at_eos=False)
+    assert [g.token_ids for g in warmed] == [g.token_ids for g in fresh]
