@@ -8,6 +8,8 @@
 #   bash benchmarks/session_h200_c.sh call5   # merged projections (plans in benchmarks/plans-merged, carry
 #                                             # .whl too): GPU engine tests, 128k and 32k at 0.8, and
 #                                             # [32k, 2k] with caches grown once per residency (~4 min)
+#   bash benchmarks/session_h200_c.sh call6   # next session: [32k, 2k] and [16k, 2k] beside HF in the same
+#                                             # run, after warm-up, with the steady decode rate (~6 min)
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -45,5 +47,8 @@ case "${1:-}" in
       --plans benchmarks/plans-merged --workloads 32k:2k
     grep -v "Warning\|^ \|^$\|^tests/" "$OUT/gpu-tests.log" | tail -4; grep -h "^| [0-9]" "$OUT"/e2e-merged-*.log
     tail -1 "$OUT/workloads-32k-2k-merged.log"; grep -h '^{' "$OUT/workloads-32k-2k-merged.log" | cut -c1-400 ;;
-  *) echo "usage: session_h200_c.sh call3|call4|call5" >&2; exit 2 ;;
+  call6)
+    timed "[32k, 2k] + [16k, 2k]" workloads-hf.log python3 benchmarks/bench_workloads.py --workloads 32k:2k,16k:2k --hf
+    tail -4 "$OUT/workloads-hf.log" ;;
+  *) echo "usage: session_h200_c.sh call3|call4|call5|call6" >&2; exit 2 ;;
 esac
